@@ -1,0 +1,86 @@
+//! `tandem bench …`: benchmarks that print JSON.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use tandem_model::train::{bench_train, BenchShape};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Bench {
+    /// Training throughput (forward + backward + optimiser step) on a fixed synthetic shape.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Measure only this many threads (default: 1 and 2, each in a child process, because the
+    /// thread count is fixed per process).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed steps (after 3 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = BenchShape::default().batch_size)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = BenchShape::default().items)]
+    pub items: usize,
+    /// Output is always JSON; accepted for symmetry with other commands.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Train(a) => train(a),
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let shape = BenchShape {
+        batch_size: a.batch_size,
+        items: a.items,
+        ..Default::default()
+    };
+    if let Some(threads) = a.threads {
+        let r = bench_train(&shape, a.steps)?;
+        let out = serde_json::json!({ "threads": threads, "shape": shape, "result": r });
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    let mut rows = Vec::new();
+    for threads in [1usize, 2] {
+        let output = Command::new(&exe)
+            .args([
+                "bench",
+                "train",
+                "--threads",
+                &threads.to_string(),
+                "--steps",
+                &a.steps.to_string(),
+            ])
+            .args([
+                "--batch-size",
+                &a.batch_size.to_string(),
+                "--items",
+                &a.items.to_string(),
+            ])
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .output()
+            .context("running the benchmark child process")?;
+        if !output.status.success() {
+            anyhow::bail!(
+                "benchmark with {threads} thread(s) failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let row: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("parsing benchmark output")?;
+        rows.push(row);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({ "bench": "train", "runs": rows }))?
+    );
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `tandem`: the single entry point. Each subcommand lives in `cmd/`; this file only parses,
+//! sets up logging and turns errors into one line on stderr and a non-zero exit code.
+
+mod args;
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tandem: learned two-tower retrieval with version-safe serving.
+#[derive(Parser)]
+#[command(name = "tandem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate the embedded default dataset (events, item and user features).
+    Synth(cmd::synth::Args),
+    /// Split an event log by an evaluation protocol into train and test files.
+    Split(cmd::split::Args),
+    /// Train a two-tower model and publish it as a new model version.
+    Train(cmd::train::Args),
+    /// Evaluate a model (and the baselines) on a temporal split of an event log.
+    Eval(cmd::eval::Args),
+    /// Recommend top-K items per user as JSONL.
+    Recommend(cmd::recommend::Args),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line names the bad flag or value.
+            let rendered = e.render().to_string();
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Synth(a) => cmd::synth::run(a),
+        Command::Split(a) => cmd::split::run(a),
+        Command::Train(a) => cmd::train::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Recommend(a) => cmd::recommend::run(a),
+        Command::Bench(b) => cmd::bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

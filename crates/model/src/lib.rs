@@ -1,0 +1,44 @@
+//! Tandem's retrieval model: two candle towers trained on logged engagement as extreme
+//! multi-class classification (in-batch sampled softmax with logQ correction), their offline
+//! evaluation against honest baselines, and their versioned on-disk form.
+//!
+//! - [`config`]: architecture and training hyper-parameters.
+//! - [`encode`]: vocabularies and feature encoding.
+//! - [`params`]: seeded initialisation and sparse embedding tables (lazy AdamW).
+//! - [`towers`]: the user and item towers.
+//! - [`loss`]: the corrected sampled-softmax loss.
+//! - [`logq`]: item-frequency estimators (exact, count-min, step-gap).
+//! - [`train`]: the training loop with early stopping.
+//! - [`eval`]: metrics, baselines and the model as a ranker.
+//! - [`model`]: inference models, save and load.
+//! - [`publish`]: writing a trained model as an artifact version.
+
+pub mod config;
+pub mod encode;
+pub mod eval;
+pub mod logq;
+pub mod loss;
+pub mod model;
+pub mod params;
+pub mod publish;
+pub mod towers;
+pub mod train;
+
+pub use config::{LogQ, ModelConfig, Pooling, TrainConfig};
+pub use model::{ItemModel, TwoTower, UserModel, UserRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Artifact(#[from] tandem_artifact::ArtifactError),
+    #[error(transparent)]
+    Data(#[from] tandem_data::DataError),
+    #[error("{file}: missing tensor {name:?}")]
+    MissingTensor { file: String, name: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,340 @@
+//! Trained towers ready for inference, and their on-disk form.
+//!
+//! A model version directory holds the two towers as separate files so each service loads only
+//! its own side: `user_tower.safetensors` + `user_vocab.json` (the user-tower service) and
+//! `item_tower.safetensors` + `item_vocab.json` (the indexer), plus `config.json`. The item-id
+//! table is written twice — as the item tower's id embedding and as the user tower's history
+//! embedding — because the user-tower service must not need the item tower to embed a history.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use tandem_artifact::Manifest;
+use tandem_types::ModelManifest;
+
+use crate::config::ModelConfig;
+use crate::encode::EntityVocab;
+use crate::params::Table;
+use crate::towers::{
+    context, ItemInput, ItemTables, ItemTower, Linear, Mlp, UserInput, UserTables, UserTower,
+};
+use crate::{ModelError, Result};
+
+pub const USER_TOWER_FILE: &str = "user_tower.safetensors";
+pub const ITEM_TOWER_FILE: &str = "item_tower.safetensors";
+pub const USER_VOCAB_FILE: &str = "user_vocab.json";
+pub const ITEM_VOCAB_FILE: &str = "item_vocab.json";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Everything the user tower needs at request time.
+pub struct UserModel {
+    pub cfg: ModelConfig,
+    pub users: EntityVocab,
+    /// Item ids known to this version (index = history embedding row; 0 is out-of-vocabulary).
+    pub items: Vec<String>,
+    item_index: HashMap<String, u32>,
+    pub tower: UserTower,
+    pub id_emb: Tensor,
+    pub feat_emb: Tensor,
+    pub history_emb: Tensor,
+    pub temperature: f32,
+}
+
+/// Everything needed to embed catalogue items.
+pub struct ItemModel {
+    pub cfg: ModelConfig,
+    pub items: EntityVocab,
+    pub tower: ItemTower,
+    pub id_emb: Tensor,
+    pub feat_emb: Tensor,
+}
+
+pub struct TwoTower {
+    pub user: UserModel,
+    pub item: ItemModel,
+}
+
+/// One user-embedding request: history as item ids of this version, most recent first.
+#[derive(Debug, Clone)]
+pub struct UserRequest<'a> {
+    pub user: &'a str,
+    pub history: Vec<u32>,
+    /// Request time (unix seconds) for the time context.
+    pub ts: i64,
+    /// Raw profile features overriding the stored profile (cold start from request features).
+    pub features: Option<&'a HashMap<String, String>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UserVocabFile {
+    users: EntityVocab,
+    items: Vec<String>,
+}
+
+impl UserModel {
+    pub fn new(
+        cfg: ModelConfig,
+        users: EntityVocab,
+        items: Vec<String>,
+        tower: UserTower,
+        tables: [Tensor; 3],
+        temperature: f32,
+    ) -> Self {
+        let item_index = items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), i as u32))
+            .collect();
+        let [id_emb, feat_emb, history_emb] = tables;
+        UserModel {
+            cfg,
+            users,
+            items,
+            item_index,
+            tower,
+            id_emb,
+            feat_emb,
+            history_emb,
+            temperature,
+        }
+    }
+
+    /// Item id of this version, 0 when unknown (out-of-vocabulary items are ignored in history).
+    pub fn item_id(&self, item: &str) -> u32 {
+        self.item_index.get(item).copied().unwrap_or(0)
+    }
+
+    /// Encodes requests into one batch. Histories longer than L are cut to the L most recent.
+    pub fn input(&self, reqs: &[UserRequest]) -> UserInput {
+        let l = self.cfg.history;
+        let mut x = UserInput::default();
+        for r in reqs {
+            let u = self.users.get(r.user);
+            x.users.push(u);
+            match r.features {
+                Some(f) => self.users.schema.encode(
+                    |name| f.get(name).map(String::as_str),
+                    &mut x.slots,
+                    &mut x.numeric,
+                ),
+                None => {
+                    x.slots.extend_from_slice(self.users.slots_of(u));
+                    x.numeric.extend_from_slice(self.users.numeric_of(u));
+                }
+            }
+            let start = x.history.len();
+            x.history
+                .extend(r.history.iter().copied().filter(|&i| i != 0).take(l));
+            x.history.resize(start + l, 0);
+            x.context.extend_from_slice(&context(r.ts));
+        }
+        x
+    }
+
+    pub fn embed(&self, x: &UserInput) -> Result<Tensor> {
+        let tables = UserTables {
+            user_id: Table::Full(&self.id_emb),
+            user_feat: Table::Full(&self.feat_emb),
+            history: Table::Full(&self.history_emb),
+        };
+        Ok(self.tower.forward(&tables, &self.users.schema, x)?)
+    }
+
+    pub fn embed_requests(&self, reqs: &[UserRequest]) -> Result<Tensor> {
+        self.embed(&self.input(reqs))
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        open(dir)?;
+        let cfg: ModelConfig = read_json(&dir.join(CONFIG_FILE))?;
+        let mut vocab: UserVocabFile = read_json(&dir.join(USER_VOCAB_FILE))?;
+        vocab.users.reindex();
+        let mut t = Tensors::load(&dir.join(USER_TOWER_FILE))?;
+        let tower = UserTower {
+            cfg: cfg.clone(),
+            mlp: t.mlp("user.mlp")?,
+            attn_query: t
+                .take_opt("user.attn_query")
+                .map(|q| Var::from_tensor(&q))
+                .transpose()?,
+        };
+        let temperature = t.take("temperature")?.flatten_all()?.to_vec1::<f32>()?[0];
+        let tables = [
+            t.take("user.id_emb")?,
+            t.take("user.feat_emb")?,
+            t.take("user.history_emb")?,
+        ];
+        Ok(UserModel::new(
+            cfg,
+            vocab.users,
+            vocab.items,
+            tower,
+            tables,
+            temperature,
+        ))
+    }
+}
+
+impl ItemModel {
+    pub fn input(&self, items: &[u32]) -> ItemInput {
+        let mut x = ItemInput {
+            items: items.to_vec(),
+            ..Default::default()
+        };
+        for &i in items {
+            x.slots.extend_from_slice(self.items.slots_of(i));
+            x.numeric.extend_from_slice(self.items.numeric_of(i));
+        }
+        x
+    }
+
+    pub fn embed(&self, items: &[u32]) -> Result<Tensor> {
+        let tables = ItemTables {
+            item_id: Table::Full(&self.id_emb),
+            item_feat: Table::Full(&self.feat_emb),
+        };
+        Ok(self
+            .tower
+            .forward(&tables, &self.items.schema, &self.input(items))?)
+    }
+
+    /// Embeddings of every item of this version, row = item id (row 0 is the OOV item).
+    pub fn embed_all(&self) -> Result<Tensor> {
+        let ids: Vec<u32> = (0..self.items.len() as u32).collect();
+        let parts = ids
+            .chunks(8192)
+            .map(|c| self.embed(c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        open(dir)?;
+        let cfg: ModelConfig = read_json(&dir.join(CONFIG_FILE))?;
+        let mut items: EntityVocab = read_json(&dir.join(ITEM_VOCAB_FILE))?;
+        items.reindex();
+        let mut t = Tensors::load(&dir.join(ITEM_TOWER_FILE))?;
+        let tower = ItemTower {
+            cfg: cfg.clone(),
+            mlp: t.mlp("item.mlp")?,
+        };
+        Ok(ItemModel {
+            cfg,
+            items,
+            tower,
+            id_emb: t.take("item.id_emb")?,
+            feat_emb: t.take("item.feat_emb")?,
+        })
+    }
+}
+
+impl TwoTower {
+    pub fn load(dir: &Path) -> Result<Self> {
+        Ok(TwoTower {
+            user: UserModel::load(dir)?,
+            item: ItemModel::load(dir)?,
+        })
+    }
+
+    /// Writes the payload files of a model version into `dir` (the artifact store adds the
+    /// manifest and checksums).
+    pub fn write_payload(&self, dir: &Path) -> Result<()> {
+        let u = &self.user;
+        let mut user = HashMap::new();
+        user.insert("user.id_emb".to_string(), u.id_emb.clone());
+        user.insert("user.feat_emb".to_string(), u.feat_emb.clone());
+        user.insert("user.history_emb".to_string(), u.history_emb.clone());
+        user.insert(
+            "temperature".to_string(),
+            Tensor::new(&[u.temperature], &Device::Cpu)?,
+        );
+        for (name, var) in u.tower.named_vars() {
+            user.insert(name, var.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&user, dir.join(USER_TOWER_FILE))?;
+        let i = &self.item;
+        let mut item = HashMap::new();
+        item.insert("item.id_emb".to_string(), i.id_emb.clone());
+        item.insert("item.feat_emb".to_string(), i.feat_emb.clone());
+        for (name, var) in i.tower.named_vars() {
+            item.insert(name, var.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&item, dir.join(ITEM_TOWER_FILE))?;
+        write_json(&dir.join(CONFIG_FILE), &u.cfg)?;
+        write_json(
+            &dir.join(USER_VOCAB_FILE),
+            &UserVocabFile {
+                users: u.users.clone(),
+                items: u.items.clone(),
+            },
+        )?;
+        write_json(&dir.join(ITEM_VOCAB_FILE), &i.items)?;
+        Ok(())
+    }
+}
+
+/// Opens (and fully verifies) a model version directory.
+pub fn open(dir: &Path) -> Result<Manifest<ModelManifest>> {
+    Ok(tandem_artifact::open(dir)?)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes =
+        std::fs::read(path).map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Named tensors of one safetensors file, taken out one by one.
+struct Tensors {
+    file: String,
+    map: HashMap<String, Tensor>,
+}
+
+impl Tensors {
+    fn load(path: &Path) -> Result<Self> {
+        let map = candle_core::safetensors::load(path, &Device::Cpu)?;
+        Ok(Tensors {
+            file: path.display().to_string(),
+            map,
+        })
+    }
+
+    fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.map
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.file.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    fn take_opt(&mut self, name: &str) -> Option<Tensor> {
+        self.map.remove(name)
+    }
+
+    fn mlp(&mut self, prefix: &str) -> Result<Mlp> {
+        let mut layers = Vec::new();
+        while let Some(w) = self.take_opt(&format!("{prefix}.{}.weight", layers.len())) {
+            let b = self.take(&format!("{prefix}.{}.bias", layers.len()))?;
+            layers.push(Linear {
+                weight: Var::from_tensor(&w)?,
+                bias: Var::from_tensor(&b)?,
+            });
+        }
+        if layers.is_empty() {
+            return Err(ModelError::MissingTensor {
+                file: self.file.clone(),
+                name: format!("{prefix}.0.weight"),
+            });
+        }
+        Ok(Mlp { layers })
+    }
+}
