@@ -18,12 +18,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the main job on the embedded default dataset and print a report.
+    Demo(cmd::demo::Args),
     /// Generate the embedded default dataset (events, item and user features).
     Synth(cmd::synth::Args),
     /// Split an event log by an evaluation protocol into train and test files.
     Split(cmd::split::Args),
     /// Train a two-tower model and publish it as a new model version.
-    Train(cmd::train::Args),
+    Train(Box<cmd::train::Args>),
     /// Evaluate a model (and the baselines) on a temporal split of an event log.
     Eval(cmd::eval::Args),
     /// Recommend top-K items per user as JSONL.
@@ -67,9 +69,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Split(a) => cmd::split::run(a),
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Recommend(a) => cmd::recommend::run(a),
         Command::Bench(b) => cmd::bench::run(b),

@@ -152,7 +152,7 @@ impl EventLog {
             Ok(())
         })?;
         if log.is_empty() {
-            return Err(DataError::Empty {
+            return Err(DataError::NoEvents {
                 path: path.to_path_buf(),
             });
         }

@@ -50,8 +50,10 @@ pub enum DataError {
         row: usize,
         reason: String,
     },
-    #[error("{path}: no events")]
+    #[error("{path}: empty file (no header row)")]
     Empty { path: PathBuf },
+    #[error("{path}: no events")]
+    NoEvents { path: PathBuf },
     #[error("{0}")]
     Invalid(String),
 }

@@ -89,6 +89,11 @@ pub fn columns(path: &Path) -> Result<Vec<String>> {
         _ => {
             let mut reader = csv_reader(path)?;
             let headers = reader.headers().map_err(|e| format_err(path, e))?;
+            if headers.iter().all(|h| h.trim().is_empty()) {
+                return Err(DataError::Empty {
+                    path: path.to_path_buf(),
+                });
+            }
             Ok(headers.iter().map(|h| h.trim().to_string()).collect())
         }
     }

@@ -68,11 +68,11 @@ impl Default for ModelConfig {
 pub enum LogQ {
     Off,
     /// Exact counts over the training stream.
+    #[default]
     Exact,
     /// Streaming count-min sketch.
     Cms,
     /// Streaming step-gap estimator (Yi et al., RecSys 2019).
-    #[default]
     Yi,
 }
 
@@ -126,7 +126,7 @@ impl Default for TrainConfig {
             weight_decay: 1e-5,
             temperature: 0.05,
             learn_temperature: false,
-            logq: LogQ::Yi,
+            logq: LogQ::Exact,
             uniform_negatives: 0,
             id_dropout: 0.05,
             patience: 3,

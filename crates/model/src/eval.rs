@@ -405,3 +405,82 @@ impl Recommender for ModelRanker<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two users over 6 items; popularity gives items 0..=5 distinct-user counts 3,2,2,1,1,0.
+    fn toy() -> EvalSet {
+        EvalSet {
+            users: vec![0, 1],
+            truth: vec![vec![2, 4], vec![5]],
+            history: vec![vec![0], vec![1]],
+            last_ts: vec![0, 0],
+            train_by_user: vec![vec![0, 1, 2], vec![0, 1, 3], vec![0, 2, 4]],
+            popularity: vec![3, 2, 2, 1, 1, 0],
+            n_items: 6,
+        }
+    }
+
+    #[test]
+    fn recall_ndcg_and_hit_rate_follow_their_definitions() {
+        let set = toy();
+        // User 0 hits item 4 at rank 2 (1 of 2 relevant); user 1 hits nothing.
+        let lists = vec![vec![1, 4, 3], vec![2, 3]];
+        let m = metrics(&set, &lists).values;
+        assert!((m["recall@10"] - (0.5 + 0.0) / 2.0).abs() < 1e-12);
+        assert!((m["hr@10"] - 0.5).abs() < 1e-12);
+        // DCG = 1/log2(3); IDCG (2 relevant) = 1 + 1/log2(3).
+        let want = (1.0 / 3f64.log2()) / (1.0 + 1.0 / 3f64.log2()) / 2.0;
+        assert!((m["ndcg@10"] - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_perfect_ranking_scores_one() {
+        let set = toy();
+        let m = metrics(&set, &[vec![2, 4], vec![5]]).values;
+        for k in ["recall@10", "recall@50", "recall@100", "ndcg@10", "hr@10"] {
+            assert!((m[k] - 1.0).abs() < 1e-12, "{k}");
+        }
+    }
+
+    #[test]
+    fn coverage_and_popularity_percentile_are_over_train_items() {
+        let set = toy();
+        // 5 train items; the lists use items 0 and 3 → coverage 2/5.
+        let m = metrics(&set, &[vec![0], vec![3]]).values;
+        assert!((m["coverage@10"] - 0.4).abs() < 1e-12);
+        // Item 0 is the most popular (percentile 100), item 3 shares the lowest count (2/5 = 40).
+        assert!((m["pop-pct@10"] - 70.0).abs() < 1e-9, "{}", m["pop-pct@10"]);
+    }
+
+    #[test]
+    fn top_k_skips_excluded_and_non_finite_scores_and_breaks_ties_by_index() {
+        let scores = [0.5, 0.9, f32::NEG_INFINITY, 0.9, 0.1];
+        assert_eq!(top_k(&scores, 3, |i| i == 0), vec![1, 3, 4]);
+        assert_eq!(top_k(&scores, 10, |_| false), vec![1, 3, 0, 4]);
+    }
+
+    #[test]
+    fn most_popular_excludes_what_the_user_has_seen() {
+        let set = toy();
+        let lists = MostPopular.recommend(&set, 2).unwrap();
+        assert_eq!(lists[0], vec![1, 2]);
+        assert_eq!(lists[1], vec![0, 2]);
+    }
+
+    #[test]
+    fn item_cosine_scores_co_occurring_items_first() {
+        let set = toy();
+        // Item 0's users {0,1,2}; item 2's users {0,2}: cos = 2/sqrt(6) ≈ .816 beats item 3's
+        // (1/sqrt(3) ≈ .577) and item 4's (.577), so user 0 (history [0]) gets 1 or 2 first.
+        let lists = ItemCosine::default().recommend(&set, 4).unwrap();
+        assert!(lists[0][0] == 1 || lists[0][0] == 2, "{:?}", lists[0]);
+        assert!(!lists[0].contains(&0));
+        assert!(
+            !lists[0].contains(&5),
+            "items without train users are never recommended"
+        );
+    }
+}

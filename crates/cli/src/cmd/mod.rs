@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod demo;
 pub mod eval;
 pub mod recommend;
 pub mod split;

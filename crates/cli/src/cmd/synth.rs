@@ -96,7 +96,8 @@ pub fn run(a: Args) -> Result<()> {
 
 fn write_then_rename(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    // The temporary name keeps the extension: it selects the format.
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

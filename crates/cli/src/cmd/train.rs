@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long)]
     pub learn_temperature: bool,
     /// Item-frequency estimator for the logQ correction: off, exact, cms or yi.
-    #[arg(long, default_value = "yi")]
+    #[arg(long, default_value = "exact")]
     pub logq: LogQ,
     /// Uniformly sampled corpus negatives per batch (mixed negatives), 0 = in-batch only.
     #[arg(long, default_value_t = 0)]
@@ -93,7 +93,11 @@ impl Args {
         if self.batch_size < 2 {
             anyhow::bail!("--batch-size must be at least 2 (in-batch negatives)");
         }
-        if !(self.temperature > 0.0) || !(self.lr > 0.0) {
+        if !(self.temperature.is_finite()
+            && self.temperature > 0.0
+            && self.lr.is_finite()
+            && self.lr > 0.0)
+        {
             anyhow::bail!("--temperature and --lr must be positive");
         }
         if self.dim == 0

@@ -1,0 +1,370 @@
+//! The `tandem` binary end to end: the commands a user or script runs, their outputs, and how
+//! they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .expect("run tandem")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = tandem(args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts a failure with exactly one line on stderr containing `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = tandem(args);
+    assert!(!out.status.success(), "tandem {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected, got: {err}"
+    );
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn synth(dir: &Path, format: &str) -> PathBuf {
+    let out = dir.join(format!("data-{format}"));
+    let json = ok(&[
+        "synth",
+        "--out",
+        p(&out),
+        "--users",
+        "300",
+        "--items",
+        "400",
+        "--events",
+        "20000",
+        "--format",
+        format,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["events"], 20000);
+    out
+}
+
+const SMALL: &[&str] = &[
+    "--epochs",
+    "2",
+    "--dim",
+    "16",
+    "--id-dim",
+    "16",
+    "--hidden",
+    "32",
+    "--history",
+    "10",
+    "--batch-size",
+    "256",
+    "--quiet",
+];
+
+#[test]
+fn the_pipeline_runs_on_every_input_format() {
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["csv", "csv.gz", "parquet"] {
+        let data = synth(dir.path(), format);
+        let events = data.join(format!("events.{format}"));
+        let items = data.join(format!("items.{format}"));
+        let users = data.join(format!("users.{format}"));
+        let train_path = dir.path().join(format!("train-{format}.{format}"));
+        let test_path = dir.path().join(format!("test-{format}.{format}"));
+        let split: serde_json::Value = serde_json::from_str(&ok(&[
+            "split",
+            "--events",
+            p(&events),
+            "--train-out",
+            p(&train_path),
+            "--test-out",
+            p(&test_path),
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(
+            split["train"].as_u64().unwrap() + split["test"].as_u64().unwrap(),
+            20000
+        );
+
+        let artifacts = dir.path().join(format!("artifacts-{format}"));
+        let mut args = vec![
+            "train",
+            "--events",
+            p(&train_path),
+            "--item-features",
+            p(&items),
+            "--user-features",
+            p(&users),
+            "--out",
+            p(&artifacts),
+            "--json",
+        ];
+        args.extend_from_slice(SMALL);
+        let trained: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        assert_eq!(trained["version"], "v1");
+        let model_dir = PathBuf::from(trained["dir"].as_str().unwrap());
+        assert!(model_dir.join("manifest.json").is_file());
+
+        let eval: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            "--events",
+            p(&events),
+            "--model",
+            p(&model_dir),
+            "--json",
+        ]))
+        .unwrap();
+        let names: Vec<&str> = eval["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["two-tower", "most-popular", "item-cosine"]);
+        let recall = eval["results"][0]["metrics"]["recall@50"].as_f64().unwrap();
+        assert!(recall > 0.0 && recall <= 1.0);
+
+        let users_file = dir.path().join("users.txt");
+        std::fs::write(&users_file, "u1\nu2\nnobody\n").unwrap();
+        let jsonl = ok(&[
+            "recommend",
+            "--model",
+            p(&model_dir),
+            "--history",
+            p(&train_path),
+            "--k",
+            "7",
+            "--users",
+            p(&users_file),
+            "--exclude-seen",
+        ]);
+        let lines: Vec<serde_json::Value> = jsonl
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2]["user_id"], "nobody");
+        for l in &lines {
+            assert_eq!(l["items"].as_array().unwrap().len(), 7);
+        }
+    }
+}
+
+#[test]
+fn recommend_excludes_seen_items_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    let events = data.join("events.csv");
+    let artifacts = dir.path().join("a");
+    let mut args = vec![
+        "train",
+        "--events",
+        p(&events),
+        "--out",
+        p(&artifacts),
+        "--protocol",
+        "none",
+    ];
+    args.extend_from_slice(SMALL);
+    ok(&args);
+    let model = artifacts.join("models/tandem/v1");
+    let history: std::collections::HashSet<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("u1,"))
+        .map(|l| l.split(',').nth(1).unwrap().to_string())
+        .collect();
+    let users = dir.path().join("u.txt");
+    std::fs::write(&users, "u1\n").unwrap();
+    let excluded: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "recommend",
+            "--model",
+            p(&model),
+            "--history",
+            p(&events),
+            "--k",
+            "50",
+            "--users",
+            p(&users),
+            "--exclude-seen",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert!(excluded["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| !history.contains(i.as_str().unwrap())));
+    let all: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "recommend",
+            "--model",
+            p(&model),
+            "--history",
+            p(&events),
+            "--k",
+            "50",
+            "--users",
+            p(&users),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert!(all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| history.contains(i.as_str().unwrap())));
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = dir.path().join("artifacts");
+    let bad = dir.path().join("bad.csv");
+    let out = p(&artifacts);
+    let check = |content: &str, needle: &str| {
+        std::fs::write(&bad, content).unwrap();
+        fails_with(
+            &["train", "--events", p(&bad), "--out", out, "--quiet"],
+            needle,
+        );
+        assert!(
+            !artifacts.exists(),
+            "nothing may be written on bad input ({needle})"
+        );
+    };
+    check(
+        "user,item_id,timestamp\nu,i,1\n",
+        "missing column \"user_id\"",
+    );
+    check("", "empty file");
+    check("user_id,item_id,timestamp\n", "no events");
+    check(
+        "user_id,item_id,timestamp\nu,i,1\nu,j,tomorrow\n",
+        "row 2: cannot parse timestamp \"tomorrow\"",
+    );
+    fails_with(
+        &["train", "--events", p(&bad), "--logq", "bogus"],
+        "invalid value 'bogus'",
+    );
+    fails_with(
+        &["eval", "--events", p(&bad), "--protocol", "random"],
+        "invalid value 'random'",
+    );
+    fails_with(
+        &[
+            "train",
+            "--events",
+            p(&dir.path().join("absent.csv")),
+            "--out",
+            out,
+        ],
+        "absent.csv",
+    );
+    fails_with(
+        &["eval", "--events", p(&bad), "--model", p(dir.path())],
+        "not a model version directory",
+    );
+    assert!(!artifacts.exists());
+}
+
+#[test]
+fn synth_is_deterministic_by_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synth(&dir.path().join("a"), "csv");
+    let b = synth(&dir.path().join("b"), "csv");
+    assert_eq!(
+        std::fs::read(a.join("events.csv")).unwrap(),
+        std::fs::read(b.join("events.csv")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(a.join("items.csv")).unwrap(),
+        std::fs::read(b.join("items.csv")).unwrap()
+    );
+}
+
+/// The shared real dataset, if this checkout has it beside it.
+fn shared_data() -> Option<PathBuf> {
+    let dir = std::env::var_os("TANDEM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    dir.join("ml-100k.interactions.csv.gz")
+        .is_file()
+        .then_some(dir)
+}
+
+#[test]
+fn on_movielens_100k_the_two_tower_model_beats_both_baselines_on_recall_at_50() {
+    let Some(data) = shared_data() else {
+        eprintln!(
+            "SKIPPED: ../shared/data/ml-100k.* is absent (set TANDEM_SHARED_DATA to its folder)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let events = data.join("ml-100k.interactions.csv.gz");
+    let train_path = dir.path().join("train.csv");
+    let test_path = dir.path().join("test.csv");
+    ok(&[
+        "split",
+        "--events",
+        p(&events),
+        "--protocol",
+        "user",
+        "--train-out",
+        p(&train_path),
+        "--test-out",
+        p(&test_path),
+    ]);
+    let artifacts = dir.path().join("artifacts");
+    let trained: serde_json::Value = serde_json::from_str(&ok(&[
+        "train",
+        "--events",
+        p(&train_path),
+        "--user-features",
+        p(&data.join("ml-100k.users.csv.gz")),
+        "--item-features",
+        p(&data.join("ml-100k.items.csv.gz")),
+        "--out",
+        p(&artifacts),
+        "--json",
+    ]))
+    .unwrap();
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--events",
+        p(&events),
+        "--model",
+        trained["dir"].as_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let recall = |k: usize| eval["results"][k]["metrics"]["recall@50"].as_f64().unwrap();
+    let (ours, pop, cosine) = (recall(0), recall(1), recall(2));
+    eprintln!(
+        "ml-100k recall@50: two-tower {ours:.4}, most-popular {pop:.4}, item-cosine {cosine:.4}"
+    );
+    assert!(
+        ours > pop && ours > cosine,
+        "two-tower {ours:.4} vs popularity {pop:.4} / item-cosine {cosine:.4}"
+    );
+}
