@@ -9,6 +9,8 @@ use tandem_model::train::{bench_train, BenchShape};
 pub enum Bench {
     /// Training throughput (forward + backward + optimiser step) on a fixed synthetic shape.
     Train(TrainArgs),
+    /// ANN recall, QPS and latency per ef against brute force (fvecs or synthetic vectors).
+    Ann(crate::cmd::bench_ann::AnnArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -32,6 +34,7 @@ pub struct TrainArgs {
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Train(a) => train(a),
+        Bench::Ann(a) => crate::cmd::bench_ann::run_ann(a),
     }
 }
 

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_ann;
 pub mod demo;
 pub mod eval;
 pub mod recommend;

@@ -1,0 +1,183 @@
+//! `tandem bench ann`: recall, throughput and latency of an index engine against brute force.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::{build, recall_at_k, Exact, HnswParams, IndexError, Result};
+
+/// Reads TEXMEX `.fvecs`: each vector is a little-endian i32 dimension followed by that many f32.
+pub fn read_fvecs(path: &Path, limit: Option<usize>) -> Result<(Vec<f32>, usize)> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| IndexError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let bad = |why: &str| IndexError::Invalid(format!("{}: {why}", path.display()));
+    if bytes.len() < 4 {
+        return Err(bad("empty fvecs file"));
+    }
+    let dim = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    if dim <= 0 {
+        return Err(bad("non-positive dimension"));
+    }
+    let dim = dim as usize;
+    let record = 4 + 4 * dim;
+    if bytes.len() % record != 0 {
+        return Err(bad("size is not a multiple of the record size"));
+    }
+    let n = (bytes.len() / record).min(limit.unwrap_or(usize::MAX));
+    let mut out = Vec::with_capacity(n * dim);
+    for r in 0..n {
+        let rec = &bytes[r * record..(r + 1) * record];
+        if i32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize != dim {
+            return Err(bad("vectors of different dimensions"));
+        }
+        out.extend(
+            rec[4..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    Ok((out, dim))
+}
+
+/// L2-normalises rows in place (the index assumes unit vectors).
+pub fn normalise(v: &mut [f32], dim: usize) {
+    for row in v.chunks_exact_mut(dim) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EfRow {
+    pub ef: usize,
+    pub recall_at_10: f64,
+    pub qps_1_thread: f64,
+    pub qps_all_threads: f64,
+    pub threads: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub engine: &'static str,
+    pub base: usize,
+    pub queries: usize,
+    pub dim: usize,
+    pub params: HnswParams,
+    pub build_seconds: f64,
+    pub ground_truth_seconds: f64,
+    pub peak_rss_mb: f64,
+    pub rss_after_ground_truth_mb: f64,
+    pub rss_after_build_mb: f64,
+    pub rows: Vec<EfRow>,
+}
+
+pub fn run(
+    base: Vec<f32>,
+    queries: Vec<f32>,
+    dim: usize,
+    params: &HnswParams,
+    efs: &[usize],
+) -> Result<BenchReport> {
+    let t = Instant::now();
+    let truth = Exact {
+        dim,
+        vectors: base.clone(),
+    }
+    .ground_truth(&queries, 10);
+    let ground_truth_seconds = t.elapsed().as_secs_f64();
+    let rss_after_ground_truth_mb = peak_rss_mb();
+    let n = base.len() / dim;
+    let t = Instant::now();
+    let index = build(base, dim, params)?;
+    let build_seconds = t.elapsed().as_secs_f64();
+    let rss_after_build_mb = peak_rss_mb();
+    let nq = queries.len() / dim;
+    let mut rows = Vec::new();
+    for &ef in efs {
+        let recall = recall_at_k(index.as_ref(), &queries, &truth, 10, ef);
+        let mut lat: Vec<f64> = Vec::with_capacity(nq);
+        let t = Instant::now();
+        for q in queries.chunks_exact(dim) {
+            let s = Instant::now();
+            std::hint::black_box(index.search(q, 10, ef));
+            lat.push(s.elapsed().as_secs_f64() * 1e6);
+        }
+        let qps1 = nq as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        queries.par_chunks(dim).for_each(|q| {
+            std::hint::black_box(index.search(q, 10, ef));
+        });
+        let qps_all = nq as f64 / t.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        rows.push(EfRow {
+            ef,
+            recall_at_10: recall,
+            qps_1_thread: qps1,
+            qps_all_threads: qps_all,
+            threads: rayon::current_num_threads(),
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+        });
+    }
+    Ok(BenchReport {
+        engine: index.engine(),
+        base: n,
+        queries: nq,
+        dim,
+        params: params.clone(),
+        build_seconds,
+        ground_truth_seconds,
+        peak_rss_mb: peak_rss_mb(),
+        rss_after_ground_truth_mb,
+        rss_after_build_mb,
+        rows,
+    })
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 elsewhere.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fvecs_are_read_and_bad_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.fvecs");
+        let mut bytes = Vec::new();
+        for v in [[1f32, 2.0], [3.0, 4.0]] {
+            bytes.extend_from_slice(&2i32.to_le_bytes());
+            v.iter()
+                .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            read_fvecs(&path, None).unwrap(),
+            (vec![1.0, 2.0, 3.0, 4.0], 2)
+        );
+        assert_eq!(read_fvecs(&path, Some(1)).unwrap().0, vec![1.0, 2.0]);
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(read_fvecs(&path, None).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! The one crate that turns `proto/` into Rust. It re-exports `tonic` and `prost` so every service
+//! and client uses the same versions.
+
+pub use prost;
+pub use tonic;
+
+/// `tandem.ann.v1`: the ANN host.
+pub mod ann {
+    pub mod v1 {
+        tonic::include_proto!("tandem.ann.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every Tandem proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));
