@@ -1,0 +1,437 @@
+//! The ANN host over real sockets: servers in-process on 127.0.0.1:0, real artifact files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_ann::{serve, AnnConfig, AnnHost};
+use tandem_index::artifact::{publish, IndexManifest, INDEX_FILE};
+use tandem_index::{build, synthetic_embeddings, HnswParams};
+use tandem_proto::ann::v1 as pb;
+use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
+use tandem_types::ModelVersion;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const DIM: usize = 16;
+const TOKEN: &str = "s3cret";
+
+fn publish_version(root: &Path, version: u64) {
+    let n = 2_000;
+    let vectors = synthetic_embeddings(n, DIM, 8, 100 + version, 200 + version);
+    let index = build(vectors, DIM, &HnswParams::default()).unwrap();
+    let items: Vec<String> = (0..n).map(|i| format!("i{i}")).collect();
+    let v = ModelVersion(version);
+    let meta = IndexManifest {
+        versions: BTreeMap::from([("m".to_string(), v)]),
+        index_id: format!("m-{v}"),
+        model_name: "m".into(),
+        model_version: v,
+        item_count: n as u64,
+        dim: DIM,
+        params: HnswParams::default(),
+        build_seconds: 0.0,
+        ann_recall_at_10: 1.0,
+        recall_queries: 0,
+        recall_query_source: "test".into(),
+        feature_schema_hash: String::new(),
+    };
+    publish(root, index.as_ref(), &items, &meta).unwrap();
+}
+
+struct Running {
+    client: AnnSearchClient<Channel>,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn start(root: &Path, version: Option<u64>) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host = Arc::new(AnnHost::new(AnnConfig {
+        artifacts: root.to_path_buf(),
+        model: "m".into(),
+        version: version.map(ModelVersion),
+        admin_token: Some(TOKEN.into()),
+        max_k: 100,
+    }));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(host, listener, async move {
+        let _ = rx.await;
+    }));
+    let client = AnnSearchClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Running {
+        client,
+        addr,
+        stop: Some(tx),
+    }
+}
+
+/// Polls `metadata` until it reports `version` (a predicate wait, bounded, no fixed sleep).
+async fn wait_for_version(
+    client: &mut AnnSearchClient<Channel>,
+    version: &str,
+) -> pb::VersionMetadata {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(m) = client
+            .get_version_metadata(pb::GetVersionMetadataRequest {})
+            .await
+        {
+            if m.get_ref().model_version == version {
+                return m.into_inner();
+            }
+        }
+        assert!(Instant::now() < deadline, "host never reported {version}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn admin<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+fn query(version: &str) -> pb::SearchRequest {
+    let e = synthetic_embeddings(1, DIM, 8, 101, 999);
+    pb::SearchRequest {
+        model_name: "m".into(),
+        model_version: version.into(),
+        embedding: e,
+        k: 10,
+        ef: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_two_versions_report_their_own_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    publish_version(dir.path(), 2);
+    let mut a = start(dir.path(), Some(1)).await;
+    let mut b = start(dir.path(), None).await;
+    let ma = wait_for_version(&mut a.client, "v1").await;
+    let mb = wait_for_version(&mut b.client, "v2").await;
+    assert_eq!(ma.versions.get("m").map(String::as_str), Some("v1"));
+    assert_eq!(mb.versions.get("m").map(String::as_str), Some("v2"));
+    assert_eq!(
+        (ma.index_id.as_str(), ma.item_count, ma.dim),
+        ("m-v1", 2000, DIM as u32)
+    );
+    assert_ne!(a.addr, b.addr);
+    let res = b.client.search(query("v2")).await.unwrap().into_inner();
+    assert_eq!((res.items.len(), res.model_version.as_str()), (10, "v2"));
+    assert!(res.items.windows(2).all(|w| w[0].score >= w[1].score));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_with_another_version_is_refused_and_bad_arguments_are_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let err = h.client.search(query("v2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("serves m v1") && err.message().contains("m v2"),
+        "{}",
+        err.message()
+    );
+
+    let cases: Vec<(pb::SearchRequest, &str)> = vec![
+        (
+            pb::SearchRequest {
+                embedding: vec![0.1; DIM + 1],
+                ..query("v1")
+            },
+            "dimension 17",
+        ),
+        (
+            pb::SearchRequest {
+                embedding: {
+                    let mut e = query("v1").embedding;
+                    e[3] = f32::NAN;
+                    e
+                },
+                ..query("v1")
+            },
+            "embedding[3] is not finite",
+        ),
+        (
+            pb::SearchRequest {
+                k: 0,
+                ..query("v1")
+            },
+            "k must be in 1..=100",
+        ),
+        (
+            pb::SearchRequest {
+                k: 101,
+                ..query("v1")
+            },
+            "got 101",
+        ),
+        (
+            pb::SearchRequest {
+                model_version: String::new(),
+                ..query("v1")
+            },
+            "model_version is required",
+        ),
+    ];
+    for (req, needle) in cases {
+        let err = h.client.search(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{needle}");
+        assert!(
+            err.message().contains(needle),
+            "{} vs {needle}",
+            err.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_rpcs_need_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let err = h
+        .client
+        .load_version(pb::LoadVersionRequest {
+            version: "v1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut wrong = Request::new(pb::RollbackRequest {});
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        h.client.rollback(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_swap_under_continuous_search_load_fails_no_request_and_rollback_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    publish_version(dir.path(), 2);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let (ok, refused, failed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut c = h.client.clone();
+        let (done, ok, refused, failed) =
+            (done.clone(), ok.clone(), refused.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let mut version = "v1".to_string();
+            // Bounded: stops when the swaps are done, or after 20,000 requests.
+            for _ in 0..20_000 {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                match c.search(query(&version)).await {
+                    Ok(r) => {
+                        assert_eq!(
+                            r.get_ref().model_version,
+                            version,
+                            "answer from another version"
+                        );
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // The host moved on: refresh the version like the orchestrator does.
+                    Err(e) if e.code() == Code::FailedPrecondition => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        version = c
+                            .get_version_metadata(pb::GetVersionMetadataRequest {})
+                            .await
+                            .unwrap()
+                            .into_inner()
+                            .model_version;
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    // Let traffic flow, then swap forth and back several times under load.
+    let mut admin_client = h.client.clone();
+    let before = ok.load(Ordering::SeqCst);
+    while ok.load(Ordering::SeqCst) < before + 200 {
+        tokio::task::yield_now().await;
+    }
+    for round in 0..3 {
+        let r = admin_client
+            .load_version(admin(pb::LoadVersionRequest {
+                version: "v2".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                r.metadata.unwrap().model_version.as_str(),
+                r.previous_version.as_str()
+            ),
+            ("v2", "v1"),
+            "round {round}"
+        );
+        let mark = ok.load(Ordering::SeqCst);
+        while ok.load(Ordering::SeqCst) < mark + 100 {
+            tokio::task::yield_now().await;
+        }
+        let r = admin_client
+            .rollback(admin(pb::RollbackRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                r.metadata.unwrap().model_version.as_str(),
+                r.previous_version.as_str()
+            ),
+            ("v1", "v2"),
+            "round {round}"
+        );
+        let mark = ok.load(Ordering::SeqCst);
+        while ok.load(Ordering::SeqCst) < mark + 100 {
+            tokio::task::yield_now().await;
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, refused, failed) = (
+        ok.load(Ordering::SeqCst),
+        refused.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+    );
+    eprintln!("hot swap: {ok} answered, {refused} version refusals, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok >= 1_000, "{ok}");
+    // After three rollbacks there is nothing older than v1 to go back to.
+    let err = admin_client
+        .rollback(admin(pb::RollbackRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_index_is_refused_at_load_and_the_host_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    publish_version(dir.path(), 2);
+    let path = tandem_index::artifact::index_dir(dir.path(), "m", ModelVersion(2)).join(INDEX_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let err = h
+        .client
+        .load_version(admin(pb::LoadVersionRequest {
+            version: "v2".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("checksum mismatch")
+            && err.message().contains("index.bin")
+            && err.message().contains("still serving v1"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        h.client
+            .get_version_metadata(pb::GetVersionMetadataRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .model_version,
+        "v1"
+    );
+    assert_eq!(
+        h.client
+            .search(query("v1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .len(),
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_an_index_is_loaded() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path(), None).await;
+    let channel = Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let service = "tandem.ann.v1.AnnSearch".to_string();
+    let status = health
+        .check(HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    assert_eq!(
+        h.client.search(query("v1")).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    publish_version(dir.path(), 1);
+    h.client
+        .load_version(admin(pb::LoadVersionRequest {
+            version: "v1".into(),
+        }))
+        .await
+        .unwrap();
+    let status = health
+        .check(HealthCheckRequest { service })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+}
