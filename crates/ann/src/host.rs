@@ -53,7 +53,7 @@ pub enum AnnError {
         version: ModelVersion,
         current: String,
         #[source]
-        source: IndexError,
+        source: Box<IndexError>,
     },
     #[error("no previous version to roll back to")]
     NoPrevious,
@@ -217,7 +217,7 @@ impl AnnHost {
             current: self
                 .serving()
                 .map_or("nothing".to_string(), |s| s.version.to_string()),
-            source,
+            source: Box::new(source),
         })?;
         let serving = Arc::new(Serving {
             index: loaded,

@@ -336,7 +336,10 @@ async fn a_hot_swap_under_continuous_search_load_fails_no_request_and_rollback_r
     );
     eprintln!("hot swap: {ok} answered, {refused} version refusals, {failed} failed");
     assert_eq!(failed, 0);
-    assert!(ok >= 1_000, "{ok}");
+    // By construction ≥ 800 answers (200 before, 100 after each of six swaps), and every swap
+    // is raced: the workers still state the old version, so each swap costs at least one refusal.
+    assert!(ok >= 800, "{ok}");
+    assert!(refused >= 6, "{refused}");
     // After three rollbacks there is nothing older than v1 to go back to.
     let err = admin_client
         .rollback(admin(pb::RollbackRequest {}))

@@ -36,6 +36,14 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Recommend top-K items per user as JSONL.
     Recommend(cmd::recommend::Args),
+    /// Embed the catalogue with a model version and publish its HNSW index.
+    Index(cmd::index::Args),
+    /// Run a service.
+    #[command(subcommand)]
+    Serve(cmd::serve::Serve),
+    /// Call a running service (typed gRPC client).
+    #[command(subcommand)]
+    Call(cmd::call::Call),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -81,6 +89,9 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd::train::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Recommend(a) => cmd::recommend::run(a),
+        Command::Index(a) => cmd::index::run(a),
+        Command::Serve(s) => cmd::serve::run(s),
+        Command::Call(c) => cmd::call::run(c),
         Command::Bench(b) => cmd::bench::run(b),
     };
     match result {

@@ -368,3 +368,118 @@ fn on_movielens_100k_the_two_tower_model_beats_both_baselines_on_recall_at_50() 
         "two-tower {ours:.4} vs popularity {pop:.4} / item-cosine {cosine:.4}"
     );
 }
+
+#[test]
+fn index_serve_and_call_an_ann_host_through_the_cli() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    let events = data.join("events.csv");
+    let artifacts = dir.path().join("a");
+    let mut args = vec![
+        "train",
+        "--events",
+        p(&events),
+        "--out",
+        p(&artifacts),
+        "--protocol",
+        "none",
+    ];
+    args.extend_from_slice(SMALL);
+    ok(&args);
+    let indexed: serde_json::Value = serde_json::from_str(&ok(&[
+        "index",
+        "--model",
+        p(&artifacts.join("models/tandem/v1")),
+        "--out",
+        p(&artifacts),
+        "--events",
+        p(&events),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(indexed["versions"]["tandem"], "v1");
+    assert!(
+        indexed["ann_recall_at_10"].as_f64().unwrap() >= 0.95,
+        "{indexed}"
+    );
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "serve",
+            "ann",
+            "--artifacts",
+            p(&artifacts),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-token",
+            "t",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(server.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = format!("http://{}", first.trim().rsplit(' ').next().unwrap());
+    // The index loads in the background: poll metadata until it answers (bounded).
+    let mut meta = None;
+    for _ in 0..200 {
+        let out = tandem(&["call", "ann", "metadata", "--addr", &addr, "--json"]);
+        if out.status.success() {
+            meta = Some(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let meta = meta.expect("host never answered");
+    assert_eq!(meta["model_version"], "v1");
+    let embedding = vec!["0.125"; 16].join(",");
+    let found: serde_json::Value = serde_json::from_str(&ok(&[
+        "call",
+        "ann",
+        "search",
+        "--addr",
+        &addr,
+        "--model-version",
+        "v1",
+        "--embedding",
+        &embedding,
+        "--k",
+        "5",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(found["items"].as_array().unwrap().len(), 5);
+    fails_with(
+        &[
+            "call",
+            "ann",
+            "search",
+            "--addr",
+            &addr,
+            "--model-version",
+            "v2",
+            "--embedding",
+            &embedding,
+        ],
+        "FailedPrecondition",
+    );
+    fails_with(
+        &[
+            "call",
+            "ann",
+            "load",
+            "--addr",
+            &addr,
+            "--version",
+            "v1",
+            "--admin-token",
+            "wrong",
+        ],
+        "Unauthenticated",
+    );
+    server.kill().unwrap();
+    let _ = server.wait();
+}

@@ -28,7 +28,7 @@ pub fn read_fvecs(path: &Path, limit: Option<usize>) -> Result<(Vec<f32>, usize)
     }
     let dim = dim as usize;
     let record = 4 + 4 * dim;
-    if bytes.len() % record != 0 {
+    if !bytes.len().is_multiple_of(record) {
         return Err(bad("size is not a multiple of the record size"));
     }
     let n = (bytes.len() / record).min(limit.unwrap_or(usize::MAX));

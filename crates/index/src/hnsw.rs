@@ -115,7 +115,7 @@ impl Hnsw {
     /// Builds the graph over `vectors` (`n × dim`, row-major, expected L2-normalised) by
     /// inserting the points in order; the result depends only on the data and `params.seed`.
     pub fn build(vectors: Vec<f32>, dim: usize, params: &HnswParams) -> Result<Self> {
-        if dim == 0 || vectors.len() % dim != 0 {
+        if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::Invalid(format!(
                 "{} values do not form vectors of dimension {dim}",
                 vectors.len()
@@ -419,14 +419,14 @@ impl Reader<'_> {
     }
     fn u32s(&mut self, n: usize) -> Result<Vec<u32>> {
         Ok(self
-            .take(n.checked_mul(4).unwrap_or(usize::MAX))?
+            .take(n.saturating_mul(4))?
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>> {
         Ok(self
-            .take(n.checked_mul(4).unwrap_or(usize::MAX))?
+            .take(n.saturating_mul(4))?
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())

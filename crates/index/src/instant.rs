@@ -25,7 +25,7 @@ pub struct Instant {
 
 impl Instant {
     pub fn build(vectors: Vec<f32>, dim: usize, params: &HnswParams) -> Result<Self> {
-        if dim == 0 || vectors.len() % dim != 0 {
+        if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::Invalid(format!(
                 "{} values do not form vectors of dimension {dim}",
                 vectors.len()

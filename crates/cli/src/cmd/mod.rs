@@ -1,8 +1,11 @@
 pub mod bench;
 pub mod bench_ann;
+pub mod call;
 pub mod demo;
 pub mod eval;
+pub mod index;
 pub mod recommend;
+pub mod serve;
 pub mod split;
 pub mod synth;
 pub mod train;

@@ -1,0 +1,216 @@
+//! `tandem call …`: typed gRPC clients for operators and scripts (no grpcurl needed).
+
+use anyhow::{Context, Result};
+use tandem_proto::ann::v1 as pb;
+use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
+use tandem_proto::tonic;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Call {
+    /// An ANN host.
+    #[command(subcommand)]
+    Ann(AnnCall),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// Server address, e.g. http://127.0.0.1:7101.
+    #[arg(long, env = "TANDEM_ADDR")]
+    pub addr: String,
+    /// Print the response as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AnnCall {
+    /// The index version this host serves.
+    Metadata(Target),
+    /// Nearest items for an embedding.
+    Search {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "tandem")]
+        model_name: String,
+        /// The model version the embedding came from.
+        #[arg(long)]
+        model_version: String,
+        /// Comma-separated floats.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        embedding: Vec<f32>,
+        #[arg(long, default_value_t = 10)]
+        k: i32,
+        #[arg(long)]
+        ef: Option<u32>,
+    },
+    /// Load a version (admin).
+    Load {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        version: String,
+        #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
+        admin_token: String,
+    },
+    /// Roll back to the previous version (admin).
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
+        admin_token: String,
+    },
+}
+
+fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .context("admin token is not valid header text")?,
+    );
+    Ok(r)
+}
+
+fn status_line(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+fn metadata_json(m: &pb::VersionMetadata) -> serde_json::Value {
+    serde_json::json!({
+        "model_name": m.model_name,
+        "model_version": m.model_version,
+        "versions": m.versions,
+        "index_id": m.index_id,
+        "item_count": m.item_count,
+        "dim": m.dim,
+        "loaded_at_unix_ms": m.loaded_at_unix_ms,
+        "ann_recall_at_10": m.ann_recall_at_10,
+    })
+}
+
+pub fn run(c: Call) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match c {
+            Call::Ann(call) => ann(call).await,
+        }
+    })
+}
+
+async fn connect(addr: &str) -> Result<AnnSearchClient<tonic::transport::Channel>> {
+    AnnSearchClient::connect(addr.to_string())
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+async fn ann(call: AnnCall) -> Result<()> {
+    match call {
+        AnnCall::Metadata(t) => {
+            let m = connect(&t.addr)
+                .await?
+                .get_version_metadata(pb::GetVersionMetadataRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if t.json {
+                println!("{}", serde_json::to_string_pretty(&metadata_json(&m))?);
+            } else {
+                println!(
+                    "{} {} index {} ({} items, dim {})",
+                    m.model_name, m.model_version, m.index_id, m.item_count, m.dim
+                );
+            }
+        }
+        AnnCall::Search {
+            target,
+            model_name,
+            model_version,
+            embedding,
+            k,
+            ef,
+        } => {
+            let r = connect(&target.addr)
+                .await?
+                .search(pb::SearchRequest {
+                    model_name,
+                    model_version,
+                    embedding,
+                    k,
+                    ef,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if target.json {
+                let items: Vec<_> = r
+                    .items
+                    .iter()
+                    .map(|i| serde_json::json!({"item_id": i.item_id, "score": i.score}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"model_name": r.model_name, "model_version": r.model_version, "index_id": r.index_id, "items": items})
+                    )?
+                );
+            } else {
+                for i in &r.items {
+                    println!("{}\t{:.6}", i.item_id, i.score);
+                }
+            }
+        }
+        AnnCall::Load {
+            target,
+            version,
+            admin_token,
+        } => {
+            let r = connect(&target.addr)
+                .await?
+                .load_version(admin(pb::LoadVersionRequest { version }, &admin_token)?)
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            print_load(&r, target.json)?;
+        }
+        AnnCall::Rollback {
+            target,
+            admin_token,
+        } => {
+            let r = connect(&target.addr)
+                .await?
+                .rollback(admin(pb::RollbackRequest {}, &admin_token)?)
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            print_load(&r, target.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_load(r: &pb::LoadVersionResponse, json: bool) -> Result<()> {
+    let m = r.metadata.clone().unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"previous_version": r.previous_version, "metadata": metadata_json(&m)})
+            )?
+        );
+    } else {
+        println!(
+            "now serving {} {} (was {})",
+            m.model_name,
+            m.model_version,
+            if r.previous_version.is_empty() {
+                "nothing"
+            } else {
+                &r.previous_version
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `tandem serve …`: the long-running services. `main` stays a thin shell: bind, install the
+//! signal handler, serve until the signal, drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tandem_ann::{AnnConfig, AnnHost};
+use tandem_types::ModelVersion;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Serve {
+    /// An ANN host: serves one index version, swaps on LoadVersion/Rollback.
+    Ann(AnnArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AnnArgs {
+    /// Artifact store root (may be shared by several hosts).
+    #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    /// Model whose index to serve.
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// Version to load at start (default: newest published).
+    #[arg(long)]
+    pub version: Option<ModelVersion>,
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7101")]
+    pub listen: SocketAddr,
+    /// Token required by LoadVersion and Rollback (`authorization: Bearer <token>`); without it
+    /// admin RPCs are refused.
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Largest k a search may ask for.
+    #[arg(long, default_value_t = 1000)]
+    pub max_k: usize,
+}
+
+pub fn run(s: Serve) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match s {
+            Serve::Ann(a) => {
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .with_context(|| format!("binding {}", a.listen))?;
+                eprintln!(
+                    "ann host for {} listening on {}",
+                    a.model,
+                    listener.local_addr()?
+                );
+                let host = Arc::new(AnnHost::new(AnnConfig {
+                    artifacts: a.artifacts,
+                    model: a.model,
+                    version: a.version,
+                    admin_token: a.admin_token,
+                    max_k: a.max_k,
+                }));
+                tandem_ann::serve(host, listener, shutdown_signal()).await?;
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: draining in-flight requests");
+}
