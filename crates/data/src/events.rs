@@ -104,9 +104,130 @@ impl EventLog {
         self.weight.push(weight);
     }
 
-    /// Reads an event file (CSV, `.csv.gz` or Parquet by extension). Fails on a missing column,
-    /// an unparsable timestamp or weight, an empty id, or a file without events.
+    /// Reads an event file (CSV, `.csv.gz` or Parquet by extension), or a directory of event-log
+    /// segments as the user-tower service writes them. Fails on a missing column, an unparsable
+    /// timestamp or weight, an empty id, or a source without events.
     pub fn read(path: &Path, cols: &EventColumns) -> Result<EventLog> {
+        if path.is_dir() {
+            return Self::read_segments(path, cols);
+        }
+        let log = Self::read_file(path, cols)?;
+        if log.is_empty() {
+            return Err(DataError::NoEvents {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(log)
+    }
+
+    /// Reads every `segment-*.csv` of an event-log directory in order. A segment's last line
+    /// without a newline is a record torn by a crash mid-append: it is skipped, never an error.
+    pub fn read_segments(dir: &Path, cols: &EventColumns) -> Result<EventLog> {
+        let mut log = EventLog::default();
+        for seg in segment_files(dir)? {
+            let bytes = std::fs::read(&seg).map_err(|source| DataError::Io {
+                path: seg.clone(),
+                source,
+            })?;
+            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            if complete == 0 {
+                continue;
+            }
+            let tmp = Self::parse_csv_bytes(&seg, &bytes[..complete], cols)?;
+            for e in 0..tmp.len() {
+                log.push(
+                    tmp.users.name(tmp.user[e]),
+                    tmp.items.name(tmp.item[e]),
+                    tmp.ts[e],
+                    tmp.weight[e],
+                );
+            }
+        }
+        if log.is_empty() {
+            return Err(DataError::NoEvents {
+                path: dir.to_path_buf(),
+            });
+        }
+        Ok(log)
+    }
+
+    fn parse_csv_bytes(path: &Path, bytes: &[u8], cols: &EventColumns) -> Result<EventLog> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(bytes);
+        let headers: Vec<String> = reader
+            .headers()
+            .map_err(|e| DataError::Format {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?
+            .iter()
+            .map(|h| h.trim().to_string())
+            .collect();
+        let mut wanted = vec![
+            cols.user.as_str(),
+            cols.item.as_str(),
+            cols.timestamp.as_str(),
+        ];
+        if let Some(w) = &cols.weight {
+            wanted.push(w.as_str());
+        }
+        let pos = table::resolve_columns(path, &headers, &wanted)?;
+        let mut log = EventLog::default();
+        for (row, rec) in reader.records().enumerate() {
+            let rec = rec.map_err(|e| DataError::Format {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            let v: Vec<&str> = pos.iter().map(|&p| rec.get(p).unwrap_or("")).collect();
+            Self::push_row(&mut log, path, row + 1, &v, cols)?;
+        }
+        Ok(log)
+    }
+
+    fn push_row(
+        log: &mut EventLog,
+        path: &Path,
+        row: usize,
+        v: &[&str],
+        cols: &EventColumns,
+    ) -> Result<()> {
+        if v[0].is_empty() || v[1].is_empty() {
+            return Err(DataError::BadValue {
+                path: path.to_path_buf(),
+                row,
+                reason: format!(
+                    "empty {}",
+                    if v[0].is_empty() {
+                        &cols.user
+                    } else {
+                        &cols.item
+                    }
+                ),
+            });
+        }
+        let ts = parse_timestamp(v[2]).ok_or_else(|| DataError::BadTimestamp {
+            path: path.to_path_buf(),
+            row,
+            value: v[2].to_string(),
+        })?;
+        let weight = match v.get(3) {
+            Some(w) => w
+                .parse::<f32>()
+                .ok()
+                .filter(|w| w.is_finite())
+                .ok_or_else(|| DataError::BadValue {
+                    path: path.to_path_buf(),
+                    row,
+                    reason: format!("cannot parse weight {w:?}"),
+                })?,
+            None => 1.0,
+        };
+        log.push(v[0], v[1], ts, weight);
+        Ok(())
+    }
+
+    fn read_file(path: &Path, cols: &EventColumns) -> Result<EventLog> {
         let mut wanted = vec![
             cols.user.as_str(),
             cols.item.as_str(),
@@ -117,45 +238,8 @@ impl EventLog {
         }
         let mut log = EventLog::default();
         table::scan(path, &wanted, |row, v| {
-            if v[0].is_empty() || v[1].is_empty() {
-                return Err(DataError::BadValue {
-                    path: path.to_path_buf(),
-                    row,
-                    reason: format!(
-                        "empty {}",
-                        if v[0].is_empty() {
-                            &cols.user
-                        } else {
-                            &cols.item
-                        }
-                    ),
-                });
-            }
-            let ts = parse_timestamp(v[2]).ok_or_else(|| DataError::BadTimestamp {
-                path: path.to_path_buf(),
-                row,
-                value: v[2].to_string(),
-            })?;
-            let weight = match v.get(3) {
-                Some(w) => w
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|w| w.is_finite())
-                    .ok_or_else(|| DataError::BadValue {
-                        path: path.to_path_buf(),
-                        row,
-                        reason: format!("cannot parse weight {w:?}"),
-                    })?,
-                None => 1.0,
-            };
-            log.push(v[0], v[1], ts, weight);
-            Ok(())
+            Self::push_row(&mut log, path, row, v, cols)
         })?;
-        if log.is_empty() {
-            return Err(DataError::NoEvents {
-                path: path.to_path_buf(),
-            });
-        }
         Ok(log)
     }
 
@@ -328,6 +412,24 @@ impl EventLog {
     }
 }
 
+/// The segment files of an event-log directory, in order.
+pub fn segment_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut segs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| DataError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("segment-") && n.ends_with(".csv"))
+        })
+        .collect();
+    segs.sort();
+    Ok(segs)
+}
+
 fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -385,6 +487,27 @@ mod tests {
             assert_eq!(back.fingerprint(), log.fingerprint(), "{ext}");
             assert_eq!(back.weight, log.weight, "{ext}");
         }
+    }
+
+    #[test]
+    fn a_segment_directory_reads_in_order_and_skips_a_torn_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "user_id,item_id,timestamp,action,weight\n";
+        std::fs::write(
+            dir.path().join("segment-000001.csv"),
+            format!("{header}u1,a,1,click,1\nu2,b,2,click,1\n"),
+        )
+        .unwrap();
+        // A crash mid-append left half a record without its newline.
+        std::fs::write(
+            dir.path().join("segment-000002.csv"),
+            format!("{header}u1,c,3,click,1\nu3,d,4,cl"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a segment").unwrap();
+        let log = EventLog::read(dir.path(), &EventColumns::default()).unwrap();
+        let items: Vec<&str> = log.item.iter().map(|&i| log.items.name(i)).collect();
+        assert_eq!(items, vec!["a", "b", "c"]);
     }
 
     #[test]
