@@ -11,6 +11,13 @@ pub mod ann {
     }
 }
 
+/// `tandem.usertower.v1`: the user-tower service.
+pub mod usertower {
+    pub mod v1 {
+        tonic::include_proto!("tandem.usertower.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Tandem proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

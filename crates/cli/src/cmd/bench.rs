@@ -11,6 +11,8 @@ pub enum Bench {
     Train(TrainArgs),
     /// ANN recall, QPS and latency per ef against brute force (fvecs or synthetic vectors).
     Ann(crate::cmd::bench_ann::AnnArgs),
+    /// User-tower Embed latency/throughput, in-process and over gRPC, concurrency 1 and 64.
+    UserTower(crate::cmd::bench_usertower::UserTowerArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -35,6 +37,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Train(a) => train(a),
         Bench::Ann(a) => crate::cmd::bench_ann::run_ann(a),
+        Bench::UserTower(a) => crate::cmd::bench_usertower::run(a),
     }
 }
 

@@ -10,6 +10,43 @@ pub enum Call {
     /// An ANN host.
     #[command(subcommand)]
     Ann(AnnCall),
+    /// The user-tower service.
+    #[command(subcommand)]
+    UserTower(UserTowerCall),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UserTowerCall {
+    /// A user's embedding from one model version.
+    Embed {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "tandem")]
+        model_name: String,
+        #[arg(long)]
+        model_version: String,
+        #[arg(long)]
+        user: String,
+        /// Recent items overriding the stored history, most recent first (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        recent_items: Vec<String>,
+    },
+    /// Versions loaded right now.
+    Versions(Target),
+    /// Record one engagement event.
+    Record {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        item: String,
+        /// Unix seconds (default: now).
+        #[arg(long, default_value_t = 0)]
+        timestamp: i64,
+        #[arg(long, default_value = "click")]
+        action: String,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -96,6 +133,7 @@ pub fn run(c: Call) -> Result<()> {
     rt.block_on(async move {
         match c {
             Call::Ann(call) => ann(call).await,
+            Call::UserTower(call) => user_tower(call).await,
         }
     })
 }
@@ -211,6 +249,107 @@ fn print_load(r: &pb::LoadVersionResponse, json: bool) -> Result<()> {
                 &r.previous_version
             }
         );
+    }
+    Ok(())
+}
+
+async fn user_tower(call: UserTowerCall) -> Result<()> {
+    use tandem_proto::usertower::v1 as ut;
+    use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
+    let connect = |addr: String| async move {
+        UserTowerClient::connect(addr.clone())
+            .await
+            .with_context(|| format!("connecting to {addr}"))
+    };
+    match call {
+        UserTowerCall::Embed {
+            target,
+            model_name,
+            model_version,
+            user,
+            recent_items,
+        } => {
+            let r = connect(target.addr)
+                .await?
+                .embed(ut::EmbedRequest {
+                    model_name,
+                    model_version,
+                    user_id: user,
+                    recent_items,
+                    features: Default::default(),
+                    request_time_unix: None,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if target.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({"model_name": r.model_name, "model_version": r.model_version, "history_length": r.history_length, "embedding": r.embedding})
+                    )?
+                );
+            } else {
+                println!(
+                    "{} {} (history {}): {:?}",
+                    r.model_name, r.model_version, r.history_length, r.embedding
+                );
+            }
+        }
+        UserTowerCall::Versions(t) => {
+            let r = connect(t.addr)
+                .await?
+                .list_versions(ut::ListVersionsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if t.json {
+                let v: Vec<_> = r.versions.iter().map(|v| serde_json::json!({"model_version": v.model_version, "dim": v.dim, "loaded_at_unix_ms": v.loaded_at_unix_ms, "pinned": v.pinned, "feature_schema_hash": v.feature_schema_hash})).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"model_name": r.model_name, "versions": v})
+                    )?
+                );
+            } else {
+                let names: Vec<&str> = r
+                    .versions
+                    .iter()
+                    .map(|v| v.model_version.as_str())
+                    .collect();
+                println!("{}: {}", r.model_name, names.join(", "));
+            }
+        }
+        UserTowerCall::Record {
+            target,
+            user,
+            item,
+            timestamp,
+            action,
+        } => {
+            let r = connect(target.addr)
+                .await?
+                .record_engagement(ut::EngagementEvent {
+                    user_id: user,
+                    item_id: item,
+                    timestamp,
+                    action,
+                    weight: 1.0,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if target.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors})
+                    )?
+                );
+            } else {
+                println!("accepted {}", r.accepted);
+            }
+        }
     }
     Ok(())
 }

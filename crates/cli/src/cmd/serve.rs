@@ -13,6 +13,34 @@ use tandem_types::ModelVersion;
 pub enum Serve {
     /// An ANN host: serves one index version, swaps on LoadVersion/Rollback.
     Ann(AnnArgs),
+    /// The user-tower service: embeddings for the newest N model versions, engagement intake.
+    UserTower(UserTowerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UserTowerArgs {
+    /// Artifact store root.
+    #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// Keep the newest N versions loaded (pinned versions are kept too).
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7201")]
+    pub listen: SocketAddr,
+    /// Directory of the durable engagement log (segment files `tandem train --events` reads).
+    #[arg(long, env = "TANDEM_EVENT_LOG", default_value = "events")]
+    pub event_log: PathBuf,
+    /// Registry poll interval in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub poll_ms: u64,
+    /// always: fsync each batch before acknowledging it; never: leave it to the OS.
+    #[arg(long, default_value = "always")]
+    pub fsync: tandem_usertower::online::Fsync,
+    /// Events older than this many days are rejected.
+    #[arg(long, default_value_t = 30)]
+    pub max_event_age_days: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +88,28 @@ pub fn run(s: Serve) -> Result<()> {
                     max_k: a.max_k,
                 }));
                 tandem_ann::serve(host, listener, shutdown_signal()).await?;
+                Ok(())
+            }
+            Serve::UserTower(a) => {
+                let mut cfg =
+                    tandem_usertower::UserTowerConfig::new(a.artifacts, &a.model, a.event_log);
+                cfg.keep = a.keep.max(1);
+                cfg.poll = std::time::Duration::from_millis(a.poll_ms.max(10));
+                cfg.fsync = a.fsync;
+                cfg.max_event_age = std::time::Duration::from_secs(a.max_event_age_days * 86_400);
+                let core = Arc::new(
+                    tokio::task::spawn_blocking(move || tandem_usertower::UserTower::open(cfg))
+                        .await??,
+                );
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .with_context(|| format!("binding {}", a.listen))?;
+                eprintln!(
+                    "user tower for {} listening on {}",
+                    a.model,
+                    listener.local_addr()?
+                );
+                tandem_usertower::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
         }
