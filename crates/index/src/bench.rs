@@ -69,6 +69,8 @@ pub struct EfRow {
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub engine: &'static str,
+    /// Inner-product implementation selected for this CPU.
+    pub simd: &'static str,
     pub base: usize,
     pub queries: usize,
     pub dim: usize,
@@ -132,6 +134,7 @@ pub fn run(
     }
     Ok(BenchReport {
         engine: index.engine(),
+        simd: crate::simd::selected_name(),
         base: n,
         queries: nq,
         dim,

@@ -8,28 +8,17 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::sync::{Mutex, RwLock};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::{AnnIndex, HnswParams, IndexError, Result};
 
-/// Inner product with eight accumulators (lets the compiler use SIMD lanes).
+/// Inner product with the fastest implementation this CPU supports.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
+    (crate::simd::select())(a, b)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,7 +83,193 @@ thread_local! {
     static VISITED: std::cell::RefCell<Visited> = std::cell::RefCell::new(Visited::new(0));
 }
 
+/// Best-first search of one layer from `entry`, keeping the `ef` nearest found. Neighbour lists
+/// are read through `neighbours(id, buf)`, so the same code runs on the finished lock-free layout
+/// and on the per-node locks of a parallel build.
+fn search_layer(
+    entry: &[Cand],
+    ef: usize,
+    visited: &mut Visited,
+    dist: impl Fn(u32) -> f32,
+    mut neighbours: impl FnMut(u32, &mut Vec<u32>),
+) -> Vec<Cand> {
+    let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
+    let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
+    for &e in entry {
+        if visited.insert(e.id) {
+            candidates.push(Reverse(e));
+            results.push(e);
+        }
+    }
+    let mut buf = Vec::with_capacity(64);
+    while let Some(Reverse(c)) = candidates.pop() {
+        let worst = results.peek().map_or(f32::INFINITY, |r| r.d);
+        if c.d > worst && results.len() >= ef {
+            break;
+        }
+        buf.clear();
+        neighbours(c.id, &mut buf);
+        for &nb in &buf {
+            if !visited.insert(nb) {
+                continue;
+            }
+            let d = dist(nb);
+            if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |r| r.d) {
+                let cand = Cand { d, id: nb };
+                candidates.push(Reverse(cand));
+                results.push(cand);
+                if results.len() > ef {
+                    results.pop();
+                }
+            }
+        }
+    }
+    results.into_sorted_vec()
+}
+
+/// A node's neighbour lists while building.
+struct Node {
+    l0: Vec<u32>,
+    up: Vec<Vec<u32>>,
+}
+
+/// The graph under construction, shared by the inserting threads.
+struct Builder<'a> {
+    dot: crate::simd::DotFn,
+    dim: usize,
+    m: usize,
+    m0: usize,
+    ef_construction: usize,
+    vectors: &'a [f32],
+    levels: &'a [u8],
+    nodes: Vec<Mutex<Node>>,
+    /// (entry point, top level): read at the start of every insertion.
+    top: RwLock<(u32, usize)>,
+    /// Held for the whole insertion of a node that raises the top level.
+    grow: Mutex<()>,
+}
+
+impl Builder<'_> {
+    #[inline]
+    fn vec(&self, id: u32) -> &[f32] {
+        let s = id as usize * self.dim;
+        &self.vectors[s..s + self.dim]
+    }
+
+    fn copy_neighbours(&self, id: u32, layer: usize, buf: &mut Vec<u32>) {
+        let node = self.nodes[id as usize].lock().expect("lock poisoned");
+        if layer == 0 {
+            buf.extend_from_slice(&node.l0);
+        } else if let Some(l) = node.up.get(layer - 1) {
+            buf.extend_from_slice(l);
+        }
+    }
+
+    fn search(
+        &self,
+        q: &[f32],
+        entry: &[Cand],
+        ef: usize,
+        layer: usize,
+        visited: &mut Visited,
+    ) -> Vec<Cand> {
+        visited.reset(self.nodes.len());
+        search_layer(
+            entry,
+            ef,
+            visited,
+            |id| -(self.dot)(q, self.vec(id)),
+            |id, buf| self.copy_neighbours(id, layer, buf),
+        )
+    }
+
+    /// The paper's neighbour-selection heuristic: walk candidates from nearest and keep one only
+    /// if it is closer to the base point than to every neighbour already kept. This keeps links
+    /// pointing in diverse directions, which is what lets clustered data stay navigable.
+    fn select(&self, sorted: &[Cand], m: usize) -> Vec<u32> {
+        let mut kept: Vec<u32> = Vec::with_capacity(m);
+        for c in sorted {
+            if kept.len() >= m {
+                break;
+            }
+            let cv = self.vec(c.id);
+            if kept.iter().all(|&s| -(self.dot)(cv, self.vec(s)) > c.d) {
+                kept.push(c.id);
+            }
+        }
+        kept
+    }
+
+    fn insert(&self, v: u32, visited: &mut Visited) {
+        let level = self.levels[v as usize] as usize;
+        // A node above the current top level serialises with other such nodes (rare: about
+        // one in M per level).
+        let _grow = (level > self.top.read().expect("lock poisoned").1)
+            .then(|| self.grow.lock().expect("lock poisoned"));
+        let (entry, max_level) = *self.top.read().expect("lock poisoned");
+        let q = self.vec(v);
+        let mut ep = vec![Cand {
+            d: -(self.dot)(q, self.vec(entry)),
+            id: entry,
+        }];
+        for layer in (level + 1..=max_level).rev() {
+            ep = self.search(q, &ep, 1, layer, visited);
+            ep.truncate(1);
+        }
+        for layer in (0..=level.min(max_level)).rev() {
+            let found = self.search(q, &ep, self.ef_construction, layer, visited);
+            let max_links = if layer == 0 { self.m0 } else { self.m };
+            let chosen = self.select(&found, self.m);
+            {
+                let mut node = self.nodes[v as usize].lock().expect("lock poisoned");
+                if layer == 0 {
+                    node.l0 = chosen.clone();
+                } else {
+                    node.up[layer - 1] = chosen.clone();
+                }
+            }
+            for &nb in &chosen {
+                self.link(nb, v, layer, max_links);
+            }
+            ep = found;
+        }
+        if level > max_level {
+            *self.top.write().expect("lock poisoned") = (v, level);
+        }
+    }
+
+    /// Adds the reverse link `from → to`, re-selecting `from`'s neighbours when the list is full.
+    fn link(&self, from: u32, to: u32, layer: usize, max_links: usize) {
+        let mut node = self.nodes[from as usize].lock().expect("lock poisoned");
+        let list = if layer == 0 {
+            &mut node.l0
+        } else {
+            &mut node.up[layer - 1]
+        };
+        if list.contains(&to) {
+            return;
+        }
+        if list.len() < max_links {
+            list.push(to);
+            return;
+        }
+        let base = self.vec(from);
+        let mut cands: Vec<Cand> = list
+            .iter()
+            .chain(std::iter::once(&to))
+            .map(|&id| Cand {
+                d: -(self.dot)(base, self.vec(id)),
+                id,
+            })
+            .collect();
+        cands.sort_unstable();
+        *list = self.select(&cands, max_links);
+    }
+}
+
 pub struct Hnsw {
+    /// Inner product chosen for this CPU once, kept here so the hot loop pays no lookup.
+    dot: crate::simd::DotFn,
     dim: usize,
     m: usize,
     m0: usize,
@@ -112,8 +287,13 @@ pub struct Hnsw {
 }
 
 impl Hnsw {
-    /// Builds the graph over `vectors` (`n × dim`, row-major, expected L2-normalised) by
-    /// inserting the points in order; the result depends only on the data and `params.seed`.
+    /// Builds the graph over `vectors` (`n × dim`, row-major, expected L2-normalised).
+    ///
+    /// Points are inserted in parallel (rayon), as in hnswlib: each node's neighbour lists sit
+    /// behind their own mutex while building, searches copy a list out under its lock, and a
+    /// node that raises the top level takes a global lock for its whole insertion. The result
+    /// is then flattened into lock-free arrays for serving. With one thread the build is
+    /// deterministic for `params.seed`; with several, insertion interleaving varies.
     pub fn build(vectors: Vec<f32>, dim: usize, params: &HnswParams) -> Result<Self> {
         if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::Invalid(format!(
@@ -123,33 +303,66 @@ impl Hnsw {
         }
         let n = vectors.len() / dim;
         let m = params.m.max(2);
-        let mut h = Hnsw {
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        let ml = 1.0 / (m as f64).ln();
+        let levels: Vec<u8> = (0..n)
+            .map(|_| {
+                let r: f64 = rng.random::<f64>().max(1e-300);
+                ((-r.ln() * ml).floor() as usize).min(15) as u8
+            })
+            .collect();
+        let builder = Builder {
+            dot: crate::simd::select(),
             dim,
             m,
             m0: 2 * m,
             ef_construction: params.ef_construction.max(m),
+            vectors: &vectors,
+            nodes: levels
+                .iter()
+                .map(|&l| {
+                    Mutex::new(Node {
+                        l0: Vec::with_capacity(2 * m),
+                        up: vec![Vec::new(); l as usize],
+                    })
+                })
+                .collect(),
+            top: RwLock::new((0, levels.first().copied().unwrap_or(0) as usize)),
+            grow: Mutex::new(()),
+            levels: &levels,
+        };
+        {
+            use rayon::prelude::*;
+            (1..n as u32)
+                .into_par_iter()
+                .for_each_init(|| Visited::new(n), |visited, v| builder.insert(v, visited));
+        }
+        let (entry, max_level) = *builder.top.read().expect("lock poisoned");
+        let m0 = builder.m0;
+        let mut links0 = vec![0u32; n * m0];
+        let mut len0 = vec![0u16; n];
+        let mut upper = Vec::with_capacity(n);
+        for (v, node) in builder.nodes.into_iter().enumerate() {
+            let node = node.into_inner().expect("lock poisoned");
+            links0[v * m0..v * m0 + node.l0.len()].copy_from_slice(&node.l0);
+            len0[v] = node.l0.len() as u16;
+            upper.push(node.up);
+        }
+        Ok(Hnsw {
+            dot: crate::simd::select(),
+            dim,
+            m,
+            m0,
+            ef_construction: params.ef_construction.max(m),
             ef_search: params.ef_search,
             vectors,
-            levels: Vec::with_capacity(n),
-            links0: vec![0; n * 2 * m],
-            len0: vec![0; n],
-            upper: Vec::with_capacity(n),
-            entry: 0,
-            max_level: 0,
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        let ml = 1.0 / (m as f64).ln();
-        for _ in 0..n {
-            let r: f64 = rng.random::<f64>().max(1e-300);
-            let level = ((-r.ln() * ml).floor() as usize).min(15);
-            h.levels.push(level as u8);
-            h.upper.push(vec![Vec::new(); level]);
-        }
-        let mut visited = Visited::new(n);
-        for v in 0..n as u32 {
-            h.insert(v, &mut visited);
-        }
-        Ok(h)
+            levels,
+            links0,
+            len0,
+            upper,
+            entry,
+            max_level,
+        })
     }
 
     #[inline]
@@ -160,7 +373,7 @@ impl Hnsw {
 
     #[inline]
     fn dist(&self, q: &[f32], id: u32) -> f32 {
-        -dot(q, self.vec(id))
+        -(self.dot)(q, self.vec(id))
     }
 
     fn neighbours(&self, id: u32, layer: usize) -> &[u32] {
@@ -172,16 +385,6 @@ impl Hnsw {
         }
     }
 
-    fn set_neighbours(&mut self, id: u32, layer: usize, links: &[u32]) {
-        if layer == 0 {
-            let s = id as usize * self.m0;
-            self.links0[s..s + links.len()].copy_from_slice(links);
-            self.len0[id as usize] = links.len() as u16;
-        } else {
-            self.upper[id as usize][layer - 1] = links.to_vec();
-        }
-    }
-
     fn search_layer(
         &self,
         q: &[f32],
@@ -190,112 +393,15 @@ impl Hnsw {
         layer: usize,
         visited: &mut Visited,
     ) -> Vec<Cand> {
-        let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
-        let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
-        for &e in entry {
-            if visited.insert(e.id) {
-                candidates.push(Reverse(e));
-                results.push(e);
-            }
-        }
-        while let Some(Reverse(c)) = candidates.pop() {
-            let worst = results.peek().map_or(f32::INFINITY, |r| r.d);
-            if c.d > worst && results.len() >= ef {
-                break;
-            }
-            for &nb in self.neighbours(c.id, layer) {
-                if !visited.insert(nb) {
-                    continue;
-                }
-                let d = self.dist(q, nb);
-                if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |r| r.d) {
-                    let cand = Cand { d, id: nb };
-                    candidates.push(Reverse(cand));
-                    results.push(cand);
-                    if results.len() > ef {
-                        results.pop();
-                    }
-                }
-            }
-        }
-        results.into_sorted_vec()
+        search_layer(
+            entry,
+            ef,
+            visited,
+            |id| -(self.dot)(q, self.vec(id)),
+            |id, buf| buf.extend_from_slice(self.neighbours(id, layer)),
+        )
     }
 
-    /// The paper's neighbour-selection heuristic: walk candidates from nearest and keep one only
-    /// if it is closer to the base point than to every neighbour already kept. This keeps links
-    /// pointing in diverse directions, which is what lets clustered data stay navigable.
-    fn select(&self, sorted: &[Cand], m: usize) -> Vec<u32> {
-        let mut kept: Vec<u32> = Vec::with_capacity(m);
-        for c in sorted {
-            if kept.len() >= m {
-                break;
-            }
-            let cv = self.vec(c.id);
-            if kept.iter().all(|&s| -dot(cv, self.vec(s)) > c.d) {
-                kept.push(c.id);
-            }
-        }
-        kept
-    }
-
-    fn insert(&mut self, v: u32, visited: &mut Visited) {
-        let level = self.levels[v as usize] as usize;
-        if v == 0 {
-            self.entry = 0;
-            self.max_level = level;
-            return;
-        }
-        let q = self.vec(v).to_vec();
-        let mut ep = vec![Cand {
-            d: self.dist(&q, self.entry),
-            id: self.entry,
-        }];
-        for layer in (level + 1..=self.max_level).rev() {
-            visited.reset(self.levels.len());
-            ep = self.search_layer(&q, &ep, 1, layer, visited);
-            ep.truncate(1);
-        }
-        for layer in (0..=level.min(self.max_level)).rev() {
-            visited.reset(self.levels.len());
-            let found = self.search_layer(&q, &ep, self.ef_construction, layer, visited);
-            let max_links = if layer == 0 { self.m0 } else { self.m };
-            let chosen = self.select(&found, self.m);
-            self.set_neighbours(v, layer, &chosen);
-            for &nb in &chosen {
-                self.link(nb, v, layer, max_links);
-            }
-            ep = found;
-        }
-        if level > self.max_level {
-            self.max_level = level;
-            self.entry = v;
-        }
-    }
-
-    /// Adds the reverse link `from → to`, re-selecting `from`'s neighbours when the list is full.
-    fn link(&mut self, from: u32, to: u32, layer: usize, max_links: usize) {
-        let current = self.neighbours(from, layer);
-        if current.len() < max_links {
-            let mut next = current.to_vec();
-            next.push(to);
-            self.set_neighbours(from, layer, &next);
-            return;
-        }
-        let base = self.vec(from).to_vec();
-        let mut cands: Vec<Cand> = current
-            .iter()
-            .chain(std::iter::once(&to))
-            .map(|&id| Cand {
-                d: self.dist(&base, id),
-                id,
-            })
-            .collect();
-        cands.sort_unstable();
-        let kept = self.select(&cands, max_links);
-        self.set_neighbours(from, layer, &kept);
-    }
-
-    /// Serialises the graph and vectors (little-endian).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.vectors.len() * 4 + self.links0.len() * 4 + 64);
         out.extend_from_slice(MAGIC);
@@ -373,6 +479,7 @@ impl Hnsw {
             return Err(IndexError::Invalid("corrupt HNSW body".into()));
         }
         Ok(Hnsw {
+            dot: crate::simd::select(),
             dim,
             m,
             m0,

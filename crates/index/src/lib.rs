@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod bench;
 pub mod hnsw;
 pub mod instant;
+pub mod simd;
 
 use serde::{Deserialize, Serialize};
 
