@@ -75,6 +75,21 @@ const SMALL: &[&str] = &[
     "--quiet",
 ];
 
+/// Trains a small model on all of `events` (no validation) into `artifacts`.
+fn train_small(events: &Path, artifacts: &Path) {
+    let mut args = vec![
+        "train",
+        "--events",
+        p(events),
+        "--out",
+        p(artifacts),
+        "--protocol",
+        "none",
+    ];
+    args.extend_from_slice(SMALL);
+    ok(&args);
+}
+
 #[test]
 fn the_pipeline_runs_on_every_input_format() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,17 +186,7 @@ fn recommend_excludes_seen_items_only_when_asked() {
     let data = synth(dir.path(), "csv");
     let events = data.join("events.csv");
     let artifacts = dir.path().join("a");
-    let mut args = vec![
-        "train",
-        "--events",
-        p(&events),
-        "--out",
-        p(&artifacts),
-        "--protocol",
-        "none",
-    ];
-    args.extend_from_slice(SMALL);
-    ok(&args);
+    train_small(&events, &artifacts);
     let model = artifacts.join("models/tandem/v1");
     let history: std::collections::HashSet<String> = std::fs::read_to_string(&events)
         .unwrap()
@@ -376,17 +381,7 @@ fn index_serve_and_call_an_ann_host_through_the_cli() {
     let data = synth(dir.path(), "csv");
     let events = data.join("events.csv");
     let artifacts = dir.path().join("a");
-    let mut args = vec![
-        "train",
-        "--events",
-        p(&events),
-        "--out",
-        p(&artifacts),
-        "--protocol",
-        "none",
-    ];
-    args.extend_from_slice(SMALL);
-    ok(&args);
+    train_small(&events, &artifacts);
     let indexed: serde_json::Value = serde_json::from_str(&ok(&[
         "index",
         "--model",

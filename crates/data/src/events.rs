@@ -64,6 +64,21 @@ pub struct EventColumns {
     pub weight: Option<String>,
 }
 
+impl EventColumns {
+    /// Column names in reading order: user, item, timestamp, then weight if mapped.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names = vec![
+            self.user.as_str(),
+            self.item.as_str(),
+            self.timestamp.as_str(),
+        ];
+        if let Some(w) = &self.weight {
+            names.push(w.as_str());
+        }
+        names
+    }
+}
+
 impl Default for EventColumns {
     fn default() -> Self {
         EventColumns {
@@ -164,14 +179,7 @@ impl EventLog {
             .iter()
             .map(|h| h.trim().to_string())
             .collect();
-        let mut wanted = vec![
-            cols.user.as_str(),
-            cols.item.as_str(),
-            cols.timestamp.as_str(),
-        ];
-        if let Some(w) = &cols.weight {
-            wanted.push(w.as_str());
-        }
+        let wanted = cols.names();
         let pos = table::resolve_columns(path, &headers, &wanted)?;
         let mut log = EventLog::default();
         for (row, rec) in reader.records().enumerate() {
@@ -228,14 +236,7 @@ impl EventLog {
     }
 
     fn read_file(path: &Path, cols: &EventColumns) -> Result<EventLog> {
-        let mut wanted = vec![
-            cols.user.as_str(),
-            cols.item.as_str(),
-            cols.timestamp.as_str(),
-        ];
-        if let Some(w) = &cols.weight {
-            wanted.push(w.as_str());
-        }
+        let wanted = cols.names();
         let mut log = EventLog::default();
         table::scan(path, &wanted, |row, v| {
             Self::push_row(&mut log, path, row, v, cols)
@@ -264,6 +265,18 @@ impl EventLog {
         let mut order: Vec<u32> = (0..self.len() as u32).collect();
         order.sort_by_key(|&e| self.ts[e as usize]);
         order
+    }
+
+    /// Size, time range and fingerprint, for model manifests.
+    pub fn data_range(&self) -> tandem_types::DataRange {
+        tandem_types::DataRange {
+            events: self.len() as u64,
+            users: self.users.len() as u64,
+            items: self.items.len() as u64,
+            min_timestamp: self.ts.iter().copied().min().unwrap_or(0),
+            max_timestamp: self.ts.iter().copied().max().unwrap_or(0),
+            fingerprint: self.fingerprint(),
+        }
     }
 
     /// sha256 over the (user, item, timestamp) stream, for manifests.

@@ -13,7 +13,7 @@ use tandem_model::config::{ModelConfig, TrainConfig};
 use tandem_model::eval::{metrics, EvalSet, ItemCosine, ModelRanker, MostPopular, Recommender};
 use tandem_model::publish::{feature_schema_hash, publish_model};
 use tandem_model::train::{train, TrainInput};
-use tandem_types::{DataRange, ModelManifest};
+use tandem_types::ModelManifest;
 
 use crate::args::print_json;
 
@@ -77,14 +77,7 @@ pub fn run(a: Args) -> Result<()> {
     let meta = ModelManifest {
         dim: model_cfg.dim,
         feature_schema_hash: feature_schema_hash(&model),
-        data: DataRange {
-            events: train_log.len() as u64,
-            users: train_log.users.len() as u64,
-            items: train_log.items.len() as u64,
-            min_timestamp: train_log.ts.iter().copied().min().unwrap_or(0),
-            max_timestamp: train_log.ts.iter().copied().max().unwrap_or(0),
-            fingerprint: train_log.fingerprint(),
-        },
+        data: train_log.data_range(),
         hyperparameters: serde_json::json!({ "model": model_cfg, "train": train_cfg, "synth": cfg }),
         validation: report.validation.clone(),
         train_seconds: report.seconds,

@@ -7,7 +7,7 @@ use tandem_data::Protocol;
 use tandem_model::config::{LogQ, ModelConfig, Pooling, TrainConfig};
 use tandem_model::publish::{feature_schema_hash, publish_model};
 use tandem_model::train::{train, TrainInput};
-use tandem_types::{DataRange, ModelManifest, ModelVersion};
+use tandem_types::{ModelManifest, ModelVersion};
 
 use crate::args::{print_json, EventArgs, FeatureArgs};
 
@@ -160,14 +160,7 @@ pub fn run(a: Args) -> Result<()> {
     let meta = ModelManifest {
         dim: model_cfg.dim,
         feature_schema_hash: feature_schema_hash(&model),
-        data: DataRange {
-            events: log.len() as u64,
-            users: log.users.len() as u64,
-            items: log.items.len() as u64,
-            min_timestamp: log.ts.iter().copied().min().unwrap_or(0),
-            max_timestamp: log.ts.iter().copied().max().unwrap_or(0),
-            fingerprint: log.fingerprint(),
-        },
+        data: log.data_range(),
         hyperparameters: serde_json::json!({
             "model": model_cfg,
             "train": train_cfg,
