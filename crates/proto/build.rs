@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "tandem/ann/v1/ann.proto",
         "tandem/usertower/v1/usertower.proto",
+        "tandem/homefeed/v1/homefeed.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

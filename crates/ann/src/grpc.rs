@@ -93,6 +93,7 @@ impl AnnSearch for AnnGrpc {
                 embedding: r.embedding,
                 k: r.k,
                 ef: r.ef,
+                allow_version_mismatch: r.allow_version_mismatch,
             })
             .await?;
         Ok(Response::new(pb::SearchResponse {

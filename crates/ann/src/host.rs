@@ -89,6 +89,8 @@ pub struct SearchRequest {
     pub embedding: Vec<f32>,
     pub k: i32,
     pub ef: Option<u32>,
+    /// Measurement only: answer from the loaded version even if the request states another.
+    pub allow_version_mismatch: bool,
 }
 
 pub struct SearchResult {
@@ -258,9 +260,9 @@ impl AnnHost {
                 "model_version is required: state the version the embedding came from".into(),
             ));
         }
-        if (!req.model_name.is_empty() && req.model_name != meta.model_name)
-            || requested != Some(serving.version)
-        {
+        let mismatch = (!req.model_name.is_empty() && req.model_name != meta.model_name)
+            || requested != Some(serving.version);
+        if mismatch && !req.allow_version_mismatch {
             return Err(AnnError::VersionMismatch {
                 requested_model: if req.model_name.is_empty() {
                     meta.model_name.clone()

@@ -114,6 +114,7 @@ fn query(version: &str) -> pb::SearchRequest {
         embedding: e,
         k: 10,
         ef: None,
+        allow_version_mismatch: false,
     }
 }
 
@@ -437,4 +438,18 @@ async fn health_is_not_serving_until_an_index_is_loaded() {
         .into_inner()
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_measurement_only_mismatch_flag_answers_and_names_the_real_version() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let req = pb::SearchRequest {
+        allow_version_mismatch: true,
+        ..query("v2")
+    };
+    let res = h.client.search(req).await.unwrap().into_inner();
+    assert_eq!((res.model_version.as_str(), res.items.len()), ("v1", 10));
 }

@@ -18,6 +18,13 @@ pub mod usertower {
     }
 }
 
+/// `tandem.homefeed.v1`: the homefeed orchestrator.
+pub mod homefeed {
+    pub mod v1 {
+        tonic::include_proto!("tandem.homefeed.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Tandem proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

@@ -81,6 +81,7 @@ impl UserTowerRpc for UserTowerGrpc {
             model_name,
             model_version: out.version.to_string(),
             history_length: out.history_length as u32,
+            history: out.history,
         }))
     }
 

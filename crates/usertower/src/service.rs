@@ -83,6 +83,8 @@ pub struct EmbedInput {
 
 pub struct Embedding {
     pub vector: Vec<f32>,
+    /// The history the embedding saw (most recent first, as given or stored).
+    pub history: Vec<String>,
     pub version: ModelVersion,
     pub history_length: usize,
 }
@@ -290,6 +292,7 @@ impl UserTower {
                 .map_err(|e| UserTowerError::Internal(e.to_string()))?;
             Ok(Embedding {
                 vector: v,
+                history,
                 version,
                 history_length: used,
             })

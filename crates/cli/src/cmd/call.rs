@@ -178,6 +178,7 @@ async fn ann(call: AnnCall) -> Result<()> {
                     embedding,
                     k,
                     ef,
+                    allow_version_mismatch: false,
                 })
                 .await
                 .map_err(status_line)?
