@@ -13,6 +13,25 @@ pub enum Call {
     /// The user-tower service.
     #[command(subcommand)]
     UserTower(UserTowerCall),
+    /// The homefeed orchestrator.
+    #[command(subcommand)]
+    Homefeed(HomefeedCall),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum HomefeedCall {
+    /// Candidates for a user.
+    Candidates {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 50)]
+        k: i32,
+        /// Leave out items in the user's recent history.
+        #[arg(long)]
+        exclude_seen: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -134,6 +153,7 @@ pub fn run(c: Call) -> Result<()> {
         match c {
             Call::Ann(call) => ann(call).await,
             Call::UserTower(call) => user_tower(call).await,
+            Call::Homefeed(call) => homefeed(call).await,
         }
     })
 }
@@ -349,6 +369,59 @@ async fn user_tower(call: UserTowerCall) -> Result<()> {
                 );
             } else {
                 println!("accepted {}", r.accepted);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn homefeed(call: HomefeedCall) -> Result<()> {
+    use tandem_proto::homefeed::v1 as hf;
+    use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
+    match call {
+        HomefeedCall::Candidates {
+            target,
+            user,
+            k,
+            exclude_seen,
+        } => {
+            let mut c = HomefeedClient::connect(target.addr.clone())
+                .await
+                .with_context(|| format!("connecting to {}", target.addr))?;
+            let r = c
+                .get_candidates(hf::GetCandidatesRequest {
+                    user_id: user,
+                    k,
+                    exclude_seen,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if target.json {
+                let items: Vec<_> = r
+                    .items
+                    .iter()
+                    .map(|i| serde_json::json!({"item_id": i.item_id, "score": i.score}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "model_name": r.model_name,
+                        "model_version": r.model_version,
+                        "embedding_version": r.embedding_version,
+                        "ann_host": r.ann_host,
+                        "attempts": r.attempts,
+                        "items": items,
+                    }))?
+                );
+            } else {
+                println!(
+                    "{} {} from {} ({} attempt(s))",
+                    r.model_name, r.model_version, r.ann_host, r.attempts
+                );
+                for i in &r.items {
+                    println!("{}\t{:.6}", i.item_id, i.score);
+                }
             }
         }
     }

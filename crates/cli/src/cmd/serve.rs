@@ -15,6 +15,34 @@ pub enum Serve {
     Ann(AnnArgs),
     /// The user-tower service: embeddings for the newest N model versions, engagement intake.
     UserTower(UserTowerArgs),
+    /// The homefeed orchestrator: per-request version handshake across the ANN fleet.
+    Homefeed(HomefeedArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HomefeedArgs {
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// ANN host URLs, comma-separated (http://host:port).
+    #[arg(long, env = "TANDEM_ANN_HOSTS", value_delimiter = ',', required = true)]
+    pub ann_hosts: Vec<String>,
+    /// User-tower URL.
+    #[arg(long, env = "TANDEM_USER_TOWER")]
+    pub user_tower: String,
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7301")]
+    pub listen: SocketAddr,
+    /// Host picking: round-robin, two-choices or sticky.
+    #[arg(long, default_value = "two-choices")]
+    pub pick: tandem_homefeed::Pick,
+    /// sync (the handshake) or naive (measurement only: newest user tower, no handshake).
+    #[arg(long, default_value = "sync")]
+    pub sync: tandem_homefeed::SyncMode,
+    /// How long a host's version metadata is trusted, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub metadata_ttl_ms: u64,
+    /// Deadline of one GetCandidates, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub deadline_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -110,6 +138,25 @@ pub fn run(s: Serve) -> Result<()> {
                     listener.local_addr()?
                 );
                 tandem_usertower::serve(core, listener, shutdown_signal()).await?;
+                Ok(())
+            }
+            Serve::Homefeed(a) => {
+                let mut cfg =
+                    tandem_homefeed::HomefeedConfig::new(&a.model, a.ann_hosts, a.user_tower);
+                cfg.pick = a.pick;
+                cfg.sync = a.sync;
+                cfg.metadata_ttl = std::time::Duration::from_millis(a.metadata_ttl_ms);
+                cfg.deadline = std::time::Duration::from_millis(a.deadline_ms.max(1));
+                let core = Arc::new(tandem_homefeed::Orchestrator::new(cfg)?);
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .with_context(|| format!("binding {}", a.listen))?;
+                eprintln!(
+                    "homefeed for {} listening on {}",
+                    a.model,
+                    listener.local_addr()?
+                );
+                tandem_homefeed::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
         }

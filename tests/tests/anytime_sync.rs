@@ -1,0 +1,250 @@
+//! The anytime-sync protocol under rollouts, rollbacks, races, evictions and crashes, over real
+//! sockets. Every scenario asserts zero mismatched answers (embedding and index from different
+//! versions) in sync mode.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_homefeed::{Pick, SyncMode};
+use tandem_proto::homefeed::v1 as pb;
+use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
+use tandem_tests::{load, rollback, wait_until, SandboxBuilder};
+use tonic::transport::Channel;
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    mismatched: AtomicU64,
+    retried: AtomicU64,
+    by_version: Mutex<BTreeMap<String, u64>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+}
+
+/// `workers` tasks send `per_worker` requests each (bounded), for users u0..u199.
+fn drive(
+    client: &HomefeedClient<Channel>,
+    tally: &Arc<Tally>,
+    workers: usize,
+    per_worker: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|w| {
+            let mut c = client.clone();
+            let t = tally.clone();
+            tokio::spawn(async move {
+                for k in 0..per_worker {
+                    let req = pb::GetCandidatesRequest {
+                        user_id: format!("u{}", (w * 37 + k) % 200),
+                        k: 20,
+                        exclude_seen: k % 2 == 0,
+                    };
+                    match c.get_candidates(req).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            if r.embedding_version != r.model_version {
+                                t.mismatched.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if r.attempts > 1 {
+                                t.retried.fetch_add(1, Ordering::SeqCst);
+                            }
+                            assert!(!r.items.is_empty());
+                            *t.by_version
+                                .lock()
+                                .unwrap()
+                                .entry(r.model_version)
+                                .or_default() += 1;
+                            t.ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            t.failed.fetch_add(1, Ordering::SeqCst);
+                            t.errors.lock().unwrap().push(e.to_string());
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn finish(workers: Vec<tokio::task::JoinHandle<()>>) {
+    for w in workers {
+        w.await.unwrap();
+    }
+}
+
+async fn reach(tally: &Arc<Tally>, n: u64) {
+    let t = tally.clone();
+    wait_until(Duration::from_secs(60), "traffic progress", || {
+        let ok = t.ok() + t.failed.load(Ordering::SeqCst);
+        async move { ok >= n }
+    })
+    .await;
+}
+
+fn report(name: &str, t: &Tally) {
+    eprintln!(
+        "{name}: {} ok, {} failed, {} mismatched, {} retried, by version {:?}",
+        t.ok(),
+        t.failed.load(Ordering::SeqCst),
+        t.mismatched.load(Ordering::SeqCst),
+        t.retried.load(Ordering::SeqCst),
+        t.by_version.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_rollout_then_a_rollback_under_traffic_never_mixes_versions() {
+    let sb = SandboxBuilder::new(&[1, 1, 1]).start().await;
+    let tally = Arc::new(Tally::default());
+    let workers = drive(&sb.client, &tally, 8, 900);
+    reach(&tally, 800).await;
+    load(&sb.hosts[0].url(), "v2").await;
+    reach(&tally, 2_400).await;
+    load(&sb.hosts[1].url(), "v2").await;
+    // Hosts now serve v2, v2, v1: a partial rollout.
+    reach(&tally, 4_400).await;
+    rollback(&sb.hosts[0].url()).await;
+    reach(&tally, 5_800).await;
+    rollback(&sb.hosts[1].url()).await;
+    finish(workers).await;
+    report("partial rollout + rollback", &tally);
+    assert_eq!(
+        tally.failed.load(Ordering::SeqCst),
+        0,
+        "{:?}",
+        tally.errors.lock().unwrap().first()
+    );
+    assert_eq!(tally.mismatched.load(Ordering::SeqCst), 0);
+    assert_eq!(tally.ok(), 7_200);
+    let by = tally.by_version.lock().unwrap();
+    assert!(
+        by.get("v1").copied().unwrap_or(0) > 0 && by.get("v2").copied().unwrap_or(0) > 0,
+        "{by:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_flipping_between_handshake_and_search_is_retried_on_its_new_version() {
+    // The hook flips the only host to v2 right after the first Embed (for v1) and before its
+    // Search, every time: deterministic, no timing involved.
+    let flipped = Arc::new(AtomicBool::new(false));
+    let url_slot: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let (f, u) = (flipped.clone(), url_slot.clone());
+    let sb = SandboxBuilder::new(&[1])
+        .homefeed(move |cfg| {
+            cfg.between_embed_and_search = Some(Arc::new(move |host: &str| {
+                let (f, u, host) = (f.clone(), u.clone(), host.to_string());
+                Box::pin(async move {
+                    if !f.swap(true, Ordering::SeqCst) {
+                        *u.lock().unwrap() = Some(host.clone());
+                        load(&host, "v2").await;
+                    }
+                })
+            }));
+        })
+        .start()
+        .await;
+    let mut c = sb.client.clone();
+    let r = c
+        .get_candidates(pb::GetCandidatesRequest {
+            user_id: "u1".into(),
+            k: 10,
+            exclude_seen: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(flipped.load(Ordering::SeqCst));
+    assert_eq!(
+        url_slot.lock().unwrap().as_deref(),
+        Some(sb.hosts[0].url().as_str())
+    );
+    assert_eq!(
+        (
+            r.model_version.as_str(),
+            r.embedding_version.as_str(),
+            r.attempts
+        ),
+        ("v2", "v2", 2)
+    );
+    assert_eq!(r.items.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_on_a_version_the_user_tower_evicted_is_skipped() {
+    // The user tower keeps only v2; host 0 still serves v1.
+    let sb = SandboxBuilder::new(&[1, 2])
+        .keep(1)
+        .homefeed(|cfg| cfg.pick = Pick::RoundRobin)
+        .start()
+        .await;
+    let tally = Arc::new(Tally::default());
+    finish(drive(&sb.client, &tally, 4, 250)).await;
+    report("evicted version", &tally);
+    assert_eq!(
+        tally.failed.load(Ordering::SeqCst),
+        0,
+        "{:?}",
+        tally.errors.lock().unwrap().first()
+    );
+    assert_eq!(tally.mismatched.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        tally
+            .by_version
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec!["v2".to_string()]
+    );
+    assert!(
+        tally.retried.load(Ordering::SeqCst) > 0,
+        "round-robin sends half the requests to the v1 host first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_host_costs_retries_not_failures() {
+    let mut sb = SandboxBuilder::new(&[1, 1, 2])
+        .homefeed(|cfg| cfg.pick = Pick::TwoChoices)
+        .start()
+        .await;
+    let tally = Arc::new(Tally::default());
+    let workers = drive(&sb.client, &tally, 8, 300);
+    reach(&tally, 600).await;
+    sb.hosts[1].kill();
+    finish(workers).await;
+    report("host crash", &tally);
+    assert_eq!(
+        tally.failed.load(Ordering::SeqCst),
+        0,
+        "{:?}",
+        tally.errors.lock().unwrap().first()
+    );
+    assert_eq!(tally.mismatched.load(Ordering::SeqCst), 0);
+    assert_eq!(tally.ok(), 2_400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naive_mode_mixes_versions_where_sync_mode_never_does() {
+    let sb = SandboxBuilder::new(&[1, 2])
+        .homefeed(|cfg| cfg.sync = SyncMode::Naive)
+        .start()
+        .await;
+    let tally = Arc::new(Tally::default());
+    finish(drive(&sb.client, &tally, 4, 200)).await;
+    report("naive", &tally);
+    // Naive always embeds with the newest version (v2): every answer from the v1 host is mixed.
+    assert!(tally.mismatched.load(Ordering::SeqCst) > 0);
+    assert_eq!(tally.failed.load(Ordering::SeqCst), 0);
+}
