@@ -36,6 +36,10 @@ fn to_pb(m: Metadata) -> pb::VersionMetadata {
         model_name: m.model_name,
         model_version: m.model_version.to_string(),
         ann_recall_at_10: m.ann_recall_at_10,
+        previous_version: m
+            .previous_version
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
     }
 }
 

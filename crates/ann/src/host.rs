@@ -81,6 +81,7 @@ pub struct Metadata {
     pub model_name: String,
     pub model_version: ModelVersion,
     pub ann_recall_at_10: f64,
+    pub previous_version: Option<ModelVersion>,
 }
 
 pub struct SearchRequest {
@@ -248,6 +249,7 @@ impl AnnHost {
             model_name: m.model_name.clone(),
             model_version: s.version,
             ann_recall_at_10: m.ann_recall_at_10,
+            previous_version: self.history.lock().expect("lock poisoned").last().copied(),
         })
     }
 

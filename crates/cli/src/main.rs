@@ -44,6 +44,12 @@ enum Command {
     /// Call a running service (typed gRPC client).
     #[command(subcommand)]
     Call(cmd::call::Call),
+    /// Roll an index version across ANN hosts, one host at a time.
+    Rollout(cmd::fleet::RolloutArgs),
+    /// Roll ANN hosts back to their previous versions.
+    Rollback(cmd::fleet::RollbackArgs),
+    /// Hosts × versions, user-tower versions, pins.
+    Status(cmd::fleet::Fleet),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -92,6 +98,9 @@ fn main() -> ExitCode {
         Command::Index(a) => cmd::index::run(a),
         Command::Serve(s) => cmd::serve::run(s),
         Command::Call(c) => cmd::call::run(c),
+        Command::Rollout(a) => cmd::fleet::rollout(a),
+        Command::Rollback(a) => cmd::fleet::rollback(a),
+        Command::Status(f) => cmd::fleet::status(f),
         Command::Bench(b) => cmd::bench::run(b),
     };
     match result {

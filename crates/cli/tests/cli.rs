@@ -376,7 +376,6 @@ fn on_movielens_100k_the_two_tower_model_beats_both_baselines_on_recall_at_50() 
 
 #[test]
 fn index_serve_and_call_an_ann_host_through_the_cli() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path(), "csv");
     let events = data.join("events.csv");
@@ -399,25 +398,16 @@ fn index_serve_and_call_an_ann_host_through_the_cli() {
         "{indexed}"
     );
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "serve",
-            "ann",
-            "--artifacts",
-            p(&artifacts),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-token",
-            "t",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(server.stderr.as_mut().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = format!("http://{}", first.trim().rsplit(' ').next().unwrap());
+    let (server, addr) = spawn_server(&[
+        "serve",
+        "ann",
+        "--artifacts",
+        p(&artifacts),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-token",
+        "t",
+    ]);
     // The index loads in the background: poll metadata until it answers (bounded).
     let mut meta = None;
     for _ in 0..200 {
@@ -475,6 +465,176 @@ fn index_serve_and_call_an_ann_host_through_the_cli() {
         ],
         "Unauthenticated",
     );
-    server.kill().unwrap();
-    let _ = server.wait();
+    drop(server);
+}
+
+/// A `tandem serve …` child process, killed when dropped (also when a test panics).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tandem serve …` on port 0 and returns it with its address (from its first line).
+fn spawn_server(args: &[&str]) -> (Server, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = format!("http://{}", first.trim().rsplit(' ').next().unwrap());
+    (Server(child), addr)
+}
+
+/// Polls a `tandem` command until its JSON output satisfies `pred` (bounded).
+fn poll_json(args: &[&str], pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    for _ in 0..400 {
+        let out = tandem(args);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if pred(&v) {
+                return v;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("condition never held for tandem {args:?}");
+}
+
+#[test]
+fn rollout_status_and_rollback_drive_real_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    let events = data.join("events.csv");
+    let artifacts = dir.path().join("a");
+    for seed in ["1", "2"] {
+        let mut args = vec![
+            "train",
+            "--events",
+            p(&events),
+            "--out",
+            p(&artifacts),
+            "--protocol",
+            "none",
+            "--seed",
+            seed,
+        ];
+        args.extend_from_slice(SMALL);
+        ok(&args);
+    }
+    for v in ["v1", "v2"] {
+        ok(&[
+            "index",
+            "--model",
+            p(&artifacts.join("models/tandem").join(v)),
+            "--out",
+            p(&artifacts),
+        ]);
+    }
+    let log = dir.path().join("events-log");
+    let (ut, ut_addr) = spawn_server(&[
+        "serve",
+        "user-tower",
+        "--artifacts",
+        p(&artifacts),
+        "--listen",
+        "127.0.0.1:0",
+        "--event-log",
+        p(&log),
+        "--poll-ms",
+        "50",
+    ]);
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        hosts.push(spawn_server(&[
+            "serve",
+            "ann",
+            "--artifacts",
+            p(&artifacts),
+            "--version",
+            "v1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-token",
+            "t",
+        ]));
+    }
+    let host_list = format!("{},{}", hosts[0].1, hosts[1].1);
+    let base = [
+        "--hosts",
+        &host_list,
+        "--user-tower",
+        &ut_addr,
+        "--artifacts",
+        p(&artifacts),
+        "--json",
+    ];
+    let status = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let mut args = vec!["status"];
+        args.extend_from_slice(&base);
+        poll_json(&args, pred)
+    };
+    status(&|v| {
+        v["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["model_version"] == "v1")
+            && v["user_tower"]["versions"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+    });
+
+    let mut bad = vec!["rollout", "--to", "v3", "--admin-token", "t"];
+    bad.extend_from_slice(&base);
+    fails_with(&bad, "does not serve v3 yet");
+
+    let mut roll = vec!["rollout", "--to", "v2", "--admin-token", "t"];
+    roll.extend_from_slice(&base);
+    let out: serde_json::Value = serde_json::from_str(&ok(&roll)).unwrap();
+    assert_eq!(out["steps"].as_array().unwrap().len(), 2);
+    let s = status(&|v| v["hosts_per_version"]["v2"] == 2);
+    let pinned: Vec<&str> = s["pinned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        pinned,
+        vec!["v1", "v2"],
+        "served and rollback versions stay pinned"
+    );
+
+    let mut back = vec![
+        "rollback",
+        "--admin-token",
+        "t",
+        "--hosts",
+        &hosts[0].1,
+        "--user-tower",
+        &ut_addr,
+        "--artifacts",
+        p(&artifacts),
+        "--json",
+    ];
+    let out: serde_json::Value = serde_json::from_str(&ok(&back)).unwrap();
+    assert_eq!(out["steps"][0]["to"], "v1");
+    status(&|v| v["hosts_per_version"]["v1"] == 1 && v["hosts_per_version"]["v2"] == 1);
+    // Host 1 still has v1 to go back to; without the right token it refuses.
+    back[2] = "wrong";
+    back[4] = &hosts[1].1;
+    fails_with(&back, "Unauthenticated");
+
+    drop(hosts);
+    drop(ut);
 }

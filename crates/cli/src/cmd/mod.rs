@@ -4,6 +4,7 @@ pub mod bench_usertower;
 pub mod call;
 pub mod demo;
 pub mod eval;
+pub mod fleet;
 pub mod index;
 pub mod recommend;
 pub mod serve;
