@@ -10,7 +10,7 @@ use std::time::Duration;
 use tandem_homefeed::{Pick, SyncMode};
 use tandem_proto::homefeed::v1 as pb;
 use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
-use tandem_tests::{load, rollback, wait_until, SandboxBuilder};
+use tandem_sandbox::{load, rollback, wait_until, SandboxBuilder};
 use tonic::transport::Channel;
 
 #[derive(Default)]

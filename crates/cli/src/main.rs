@@ -50,6 +50,9 @@ enum Command {
     Rollback(cmd::fleet::RollbackArgs),
     /// Hosts × versions, user-tower versions, pins.
     Status(cmd::fleet::Fleet),
+    /// Simulations on an in-process cluster.
+    #[command(subcommand)]
+    Sim(cmd::sim::Sim),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Rollout(a) => cmd::fleet::rollout(a),
         Command::Rollback(a) => cmd::fleet::rollback(a),
         Command::Status(f) => cmd::fleet::status(f),
+        Command::Sim(s) => cmd::sim::run(s),
         Command::Bench(b) => cmd::bench::run(b),
     };
     match result {

@@ -638,3 +638,17 @@ fn rollout_status_and_rollback_drive_real_processes() {
     drop(hosts);
     drop(ut);
 }
+
+#[test]
+fn the_rollout_simulation_shows_sync_never_mixes_versions_and_naive_does() {
+    let out: serde_json::Value =
+        serde_json::from_str(&ok(&["sim", "rollout", "--requests", "800", "--json"])).unwrap();
+    let sync = &out["modes"]["sync"];
+    let naive = &out["modes"]["naive"];
+    assert_eq!(sync["requests"], 800);
+    assert_eq!(sync["errors"], 0, "{sync}");
+    assert_eq!(sync["mismatched"], 0, "{sync}");
+    assert_eq!(sync["forced_flips"], 1);
+    assert!(naive["mismatched"].as_u64().unwrap() > 0, "{naive}");
+    assert!(sync["recall_at_k"].as_f64().unwrap() > naive["recall_at_k"].as_f64().unwrap());
+}

@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod index;
 pub mod recommend;
 pub mod serve;
+pub mod sim;
 pub mod split;
 pub mod synth;
 pub mod train;
