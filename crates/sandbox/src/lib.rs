@@ -101,7 +101,7 @@ where
 }
 
 /// Trains version `seed` of a small model and publishes its model and index.
-fn publish_version(root: &Path, seed: u64) {
+pub fn publish_version(root: &Path, seed: u64) {
     let data = generate(&SynthConfig {
         users: 200,
         items: 300,

@@ -13,6 +13,8 @@ pub enum Bench {
     Ann(crate::cmd::bench_ann::AnnArgs),
     /// User-tower Embed latency/throughput, in-process and over gRPC, concurrency 1 and 64.
     UserTower(crate::cmd::bench_usertower::UserTowerArgs),
+    /// GetCandidates latency at a fixed offered load across separate service processes.
+    Homefeed(crate::cmd::bench_homefeed::HomefeedArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +40,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Train(a) => train(a),
         Bench::Ann(a) => crate::cmd::bench_ann::run_ann(a),
         Bench::UserTower(a) => crate::cmd::bench_usertower::run(a),
+        Bench::Homefeed(a) => crate::cmd::bench_homefeed::run(a),
     }
 }
 

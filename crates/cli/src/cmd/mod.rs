@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod bench_ann;
+pub mod bench_homefeed;
 pub mod bench_usertower;
 pub mod call;
 pub mod demo;
