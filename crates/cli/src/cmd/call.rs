@@ -117,7 +117,8 @@ pub enum AnnCall {
     },
 }
 
-fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
+/// A request carrying the admin token (`authorization: Bearer <token>`).
+pub fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert(
         "authorization",

@@ -17,6 +17,8 @@ use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
 use tandem_registry::{LocalFs, Storage, MODELS};
 use tandem_types::ModelVersion;
 
+use crate::cmd::call::admin;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Fleet {
     /// ANN host URLs, comma-separated, in rollout order.
@@ -67,17 +69,6 @@ fn holder(url: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     format!("ann-{s}")
-}
-
-fn with_token<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("admin token is not valid header text")?,
-    );
-    Ok(r)
 }
 
 async fn host(url: &str) -> Result<AnnSearchClient<tonic::transport::Channel>> {
@@ -163,7 +154,7 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
             // Pin before loading, so retention cannot delete the version mid-rollout.
             repin(&pins, &a.fleet.model, url, &[Some(a.to), from].into_iter().flatten().collect::<Vec<_>>())?;
             if before.model_version != to {
-                host(url).await?.load_version(with_token(ann::LoadVersionRequest { version: to.clone() }, &a.admin_token)?).await.map_err(|s| anyhow::anyhow!("{url}: {:?}: {}", s.code(), s.message()))?;
+                host(url).await?.load_version(admin(ann::LoadVersionRequest { version: to.clone() }, &a.admin_token)?).await.map_err(|s| anyhow::anyhow!("{url}: {:?}: {}", s.code(), s.message()))?;
                 wait_for(url, &to, Duration::from_secs(a.host_timeout_s)).await?;
             }
             if !a.fleet.json {
@@ -203,7 +194,7 @@ pub fn rollback(a: RollbackArgs) -> Result<()> {
             }
             let r = host(url)
                 .await?
-                .rollback(with_token(ann::RollbackRequest {}, &a.admin_token)?)
+                .rollback(admin(ann::RollbackRequest {}, &a.admin_token)?)
                 .await
                 .map_err(|s| anyhow::anyhow!("{url}: {:?}: {}", s.code(), s.message()))?
                 .into_inner();
