@@ -129,6 +129,13 @@ pub fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
     Ok(r)
 }
 
+/// `[{"item_id", "score"}, …]` for JSON output.
+fn scored_json<'a>(items: impl Iterator<Item = (&'a str, f32)>) -> Vec<serde_json::Value> {
+    items
+        .map(|(item_id, score)| serde_json::json!({"item_id": item_id, "score": score}))
+        .collect()
+}
+
 fn status_line(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
@@ -205,11 +212,7 @@ async fn ann(call: AnnCall) -> Result<()> {
                 .map_err(status_line)?
                 .into_inner();
             if target.json {
-                let items: Vec<_> = r
-                    .items
-                    .iter()
-                    .map(|i| serde_json::json!({"item_id": i.item_id, "score": i.score}))
-                    .collect();
+                let items = scored_json(r.items.iter().map(|i| (i.item_id.as_str(), i.score)));
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
@@ -399,11 +402,7 @@ async fn homefeed(call: HomefeedCall) -> Result<()> {
                 .map_err(status_line)?
                 .into_inner();
             if target.json {
-                let items: Vec<_> = r
-                    .items
-                    .iter()
-                    .map(|i| serde_json::json!({"item_id": i.item_id, "score": i.score}))
-                    .collect();
+                let items = scored_json(r.items.iter().map(|i| (i.item_id.as_str(), i.score)));
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
