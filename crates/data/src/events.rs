@@ -148,15 +148,7 @@ impl EventLog {
             if complete == 0 {
                 continue;
             }
-            let tmp = Self::parse_csv_bytes(&seg, &bytes[..complete], cols)?;
-            for e in 0..tmp.len() {
-                log.push(
-                    tmp.users.name(tmp.user[e]),
-                    tmp.items.name(tmp.item[e]),
-                    tmp.ts[e],
-                    tmp.weight[e],
-                );
-            }
+            Self::parse_csv_bytes(&mut log, &seg, &bytes[..complete], cols)?;
         }
         if log.is_empty() {
             return Err(DataError::NoEvents {
@@ -166,7 +158,13 @@ impl EventLog {
         Ok(log)
     }
 
-    fn parse_csv_bytes(path: &Path, bytes: &[u8], cols: &EventColumns) -> Result<EventLog> {
+    /// Appends the complete CSV records in `bytes` (a segment, header first) to `log`.
+    fn parse_csv_bytes(
+        log: &mut EventLog,
+        path: &Path,
+        bytes: &[u8],
+        cols: &EventColumns,
+    ) -> Result<()> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .from_reader(bytes);
@@ -181,16 +179,15 @@ impl EventLog {
             .collect();
         let wanted = cols.names();
         let pos = table::resolve_columns(path, &headers, &wanted)?;
-        let mut log = EventLog::default();
         for (row, rec) in reader.records().enumerate() {
             let rec = rec.map_err(|e| DataError::Format {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
             let v: Vec<&str> = pos.iter().map(|&p| rec.get(p).unwrap_or("")).collect();
-            Self::push_row(&mut log, path, row + 1, &v, cols)?;
+            Self::push_row(log, path, row + 1, &v, cols)?;
         }
-        Ok(log)
+        Ok(())
     }
 
     fn push_row(

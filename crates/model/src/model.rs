@@ -106,6 +106,21 @@ impl UserModel {
         self.item_index.get(item).copied().unwrap_or(0)
     }
 
+    /// Every user's engaged items in `log` as item ids of this version (time order; items unknown
+    /// to the version are 0 and ignored by [`UserModel::input`]) and the time of their last
+    /// event, indexed by the log's user index.
+    pub fn histories(&self, log: &tandem_data::EventLog) -> (Vec<Vec<u32>>, Vec<i64>) {
+        let mut history: Vec<Vec<u32>> = vec![Vec::new(); log.users.len()];
+        let mut last_ts = vec![0i64; log.users.len()];
+        for e in log.time_order() {
+            let e = e as usize;
+            let u = log.user[e] as usize;
+            history[u].push(self.item_id(log.items.name(log.item[e])));
+            last_ts[u] = log.ts[e];
+        }
+        (history, last_ts)
+    }
+
     /// Encodes requests into one batch. Histories longer than L are cut to the L most recent.
     pub fn input(&self, reqs: &[UserRequest]) -> UserInput {
         let l = self.cfg.history;

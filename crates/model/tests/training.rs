@@ -141,11 +141,8 @@ fn a_published_model_reloads_to_identical_embeddings_and_refuses_a_flipped_byte(
     let (model, _) = train(&input, &mcfg, &TrainConfig { epochs: 1, ..tcfg }, false).unwrap();
     let meta = ModelManifest {
         dim: mcfg.dim,
-        feature_schema_hash: String::new(),
-        data: Default::default(),
         hyperparameters: serde_json::json!({}),
-        validation: Default::default(),
-        train_seconds: 0.0,
+        ..Default::default()
     };
     let published = publish_model(dir.path(), "m", None, &model, &meta).unwrap();
     assert_eq!(published.version, ModelVersion(1));

@@ -134,11 +134,9 @@ pub fn publish_version(root: &Path, seed: u64) {
     let (model, _) = train(&input, &mcfg, &tcfg, false).expect("train");
     let meta = ModelManifest {
         dim: 16,
-        feature_schema_hash: String::new(),
         data: data.events.data_range(),
         hyperparameters: serde_json::json!({}),
-        validation: Default::default(),
-        train_seconds: 0.0,
+        ..Default::default()
     };
     let published = publish_model(root, MODEL, None, &model, &meta).expect("publish model");
     let loaded = TwoTower::load(&published.dir).expect("reload");

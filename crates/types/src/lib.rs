@@ -69,7 +69,7 @@ pub struct DataRange {
 
 /// The manifest payload of a model version (the artifact store adds names, version and
 /// checksums around it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub dim: usize,
     /// Hash of the feature schema (feature names, kinds and vocabulary sizes): two versions with

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tandem_model::{UserModel, UserRequest};
-use tandem_registry::{Registry, MODELS};
+use tandem_registry::{Registry, Storage, MODELS};
 use tandem_types::ModelVersion;
 
 use crate::online::{Event, EventLogWriter, Fsync, OnlineStore};
@@ -155,17 +155,18 @@ impl UserTower {
     /// Brings the loaded set in line with the registry: the newest `keep` versions plus every
     /// pinned one are loaded; others are evicted. Returns (loaded, evicted).
     pub async fn refresh(&self) -> Result<(Vec<ModelVersion>, Vec<ModelVersion>), UserTowerError> {
-        let newest = self
-            .registry
-            .newest(MODELS, &self.cfg.model, self.cfg.keep)
-            .map_err(|e| UserTowerError::Internal(e.to_string()))?;
-        let pinned = self.registry.storage_pinned(&self.cfg.model);
-        let all: BTreeSet<ModelVersion> = self
+        // One listing per poll: the newest `keep` are its tail.
+        let listed = self
             .registry
             .list(MODELS, &self.cfg.model)
-            .map_err(|e| UserTowerError::Internal(e.to_string()))?
-            .into_iter()
-            .collect();
+            .map_err(|e| UserTowerError::Internal(e.to_string()))?;
+        let newest = &listed[listed.len().saturating_sub(self.cfg.keep)..];
+        let pinned = self
+            .registry
+            .storage
+            .pinned(MODELS, &self.cfg.model)
+            .unwrap_or_default();
+        let all: BTreeSet<ModelVersion> = listed.iter().copied().collect();
         let want: BTreeSet<ModelVersion> = newest
             .iter()
             .copied()
@@ -374,16 +375,5 @@ impl UserTower {
 
     pub fn online_users(&self) -> usize {
         self.store.read().expect("lock poisoned").users()
-    }
-}
-
-trait PinnedExt {
-    fn storage_pinned(&self, model: &str) -> BTreeSet<ModelVersion>;
-}
-
-impl PinnedExt for Registry {
-    fn storage_pinned(&self, model: &str) -> BTreeSet<ModelVersion> {
-        use tandem_registry::Storage;
-        self.storage.pinned(MODELS, model).unwrap_or_default()
     }
 }

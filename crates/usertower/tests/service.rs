@@ -53,10 +53,8 @@ fn publish_version(root: &Path, seed: u64) -> PathBuf {
     let meta = ModelManifest {
         dim: 8,
         feature_schema_hash: "h".into(),
-        data: Default::default(),
         hyperparameters: serde_json::json!({}),
-        validation: Default::default(),
-        train_seconds: 0.0,
+        ..Default::default()
     };
     publish_model(root, "m", None, &model, &meta).unwrap().dir
 }

@@ -56,11 +56,8 @@ pub fn run(a: UserTowerArgs) -> Result<()> {
     )?;
     let meta = ModelManifest {
         dim: 64,
-        feature_schema_hash: String::new(),
-        data: Default::default(),
         hyperparameters: serde_json::json!({}),
-        validation: Default::default(),
-        train_seconds: 0.0,
+        ..Default::default()
     };
     publish_model(dir.path(), "bench", None, &model, &meta)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -128,13 +128,7 @@ fn recall_queries(
     match events {
         Some(path) => {
             let log = EventLog::read(path, &EventColumns::default())?;
-            let mut hist: Vec<Vec<u32>> = vec![Vec::new(); log.users.len()];
-            let mut last = vec![0i64; log.users.len()];
-            for e in log.time_order() {
-                let e = e as usize;
-                hist[log.user[e] as usize].push(model.user.item_id(log.items.name(log.item[e])));
-                last[log.user[e] as usize] = log.ts[e];
-            }
+            let (hist, last) = model.user.histories(&log);
             let step = (log.users.len() / n).max(1);
             let reqs: Vec<UserRequest> = (0..log.users.len())
                 .step_by(step)

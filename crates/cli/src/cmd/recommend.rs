@@ -63,13 +63,7 @@ pub fn run(a: Args) -> Result<()> {
         None => log.users.names().to_vec(),
     };
     // Per log user: model item ids, time order, and the last timestamp.
-    let mut history: Vec<Vec<u32>> = vec![Vec::new(); log.users.len()];
-    let mut last_ts = vec![0i64; log.users.len()];
-    for e in log.time_order() {
-        let e = e as usize;
-        history[log.user[e] as usize].push(model.user.item_id(log.items.name(log.item[e])));
-        last_ts[log.user[e] as usize] = log.ts[e];
-    }
+    let (history, last_ts) = model.user.histories(&log);
     let latest = log.ts.iter().copied().max().unwrap_or(0);
     let items = model.item.embed_all()?;
     let mut out: Box<dyn Write> = match &a.out {
