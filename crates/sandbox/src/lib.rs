@@ -5,6 +5,8 @@
 //! homefeed orchestrator in-process on `127.0.0.1:0`, each with its own shutdown handle. Tests
 //! wait on predicates ([`wait_until`]), never on fixed sleeps.
 
+pub mod scenario;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -166,10 +168,13 @@ pub fn publish_version(root: &Path, seed: u64) {
     publish(root, index.as_ref(), &items, &meta).expect("publish index");
 }
 
+type Bootstrap = Box<dyn FnOnce(&Path) + Send>;
+
 pub struct SandboxBuilder {
     hosts: Vec<u64>,
     keep: usize,
     configure: Box<dyn FnOnce(&mut HomefeedConfig) + Send>,
+    bootstrap: Bootstrap,
 }
 
 impl SandboxBuilder {
@@ -179,7 +184,19 @@ impl SandboxBuilder {
             hosts: hosts.to_vec(),
             keep: 3,
             configure: Box::new(|_| {}),
+            bootstrap: Box::new(|root| {
+                publish_version(root, 1);
+                publish_version(root, 2);
+            }),
         }
+    }
+
+    /// Replaces the default bootstrap (v1 and v2 of a tiny model): `f` gets the artifact root
+    /// and must publish (model and index of model [`MODEL`]) every version a host starts on. It
+    /// may also seed the user tower's event log in `<root>/events`.
+    pub fn bootstrap(mut self, f: impl FnOnce(&Path) + Send + 'static) -> Self {
+        self.bootstrap = Box::new(f);
+        self
     }
 
     /// How many versions the user tower keeps.
@@ -197,12 +214,11 @@ impl SandboxBuilder {
     pub async fn start(self) -> Sandbox {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            publish_version(&root, 1);
-            publish_version(&root, 2);
-        })
-        .await
-        .expect("publish");
+        let boot = self.bootstrap;
+        tokio::task::spawn_blocking(move || boot(&root))
+            .await
+            .expect("bootstrap");
+        let published = tandem_artifact_count(dir.path());
 
         let mut ut_cfg =
             UserTowerConfig::new(dir.path().to_path_buf(), MODEL, dir.path().join("events"));
@@ -219,7 +235,7 @@ impl SandboxBuilder {
             }
         })
         .await;
-        let want = self.keep.min(2);
+        let want = self.keep.min(published);
         let probe = core.clone();
         wait_until(Duration::from_secs(30), "user tower versions", || {
             let n = probe.loaded().len();
@@ -285,6 +301,7 @@ impl SandboxBuilder {
 }
 
 pub struct Sandbox {
+    /// The artifact root; the user tower's event log is `<dir>/events`.
     pub dir: tempfile::TempDir,
     pub hosts: Vec<Service>,
     pub user_tower: Service,
@@ -294,6 +311,15 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// ANN host URLs in start order.
+    pub fn host_urls(&self) -> Vec<String> {
+        self.hosts.iter().map(Service::url).collect()
+    }
+
+    pub fn events_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("events")
+    }
+
     /// The offline models of every published version, for exact ground truth.
     pub fn models(&self) -> BTreeMap<String, TwoTower> {
         (1..=2u64)
@@ -306,6 +332,13 @@ impl Sandbox {
             })
             .collect()
     }
+}
+
+fn tandem_artifact_count(root: &Path) -> usize {
+    tandem_registry::Registry::open(root)
+        .list(tandem_registry::MODELS, MODEL)
+        .map(|v| v.len())
+        .unwrap_or(0)
 }
 
 fn tandem_artifact_dir(root: &Path, v: ModelVersion) -> std::path::PathBuf {

@@ -1,0 +1,268 @@
+//! Auto-retraining against a real in-process cluster (3 ANN hosts, user tower, orchestrator on
+//! loopback): a drifted event stream produces a deployed v2 with zero mismatched answers during
+//! the move; a bad candidate is rejected by the gate; a candidate that passes a permissive gate
+//! but degrades live is rolled back by the canary; a crashed cycle and an interrupted one leave
+//! the fleet on the version it served.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tandem_data::synth::SynthConfig;
+use tandem_model::config::{ModelConfig, TrainConfig};
+use tandem_proto::homefeed::v1 as pb;
+use tandem_registry::{Registry, MODELS};
+use tandem_retrain::config::RetrainConfig;
+use tandem_retrain::history::CycleRecord;
+use tandem_retrain::{CycleOptions, Fault, Fleet, Outcome, Retrainer};
+use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
+use tandem_sandbox::{Sandbox, SandboxBuilder, MODEL, TOKEN};
+use tandem_types::ModelVersion;
+
+fn small() -> (ModelConfig, TrainConfig) {
+    (
+        ModelConfig {
+            dim: 16,
+            id_dim: 16,
+            feature_dim: 4,
+            hidden: 32,
+            history: 10,
+            ..Default::default()
+        },
+        TrainConfig {
+            epochs: 6,
+            batch_size: 256,
+            lr: 5e-3,
+            patience: 2,
+            ..Default::default()
+        },
+    )
+}
+
+/// A cluster whose three hosts serve v1 (trained on the older 70 % of a drifting log), with the
+/// newer 30 % recorded live through the user tower.
+async fn cluster() -> Sandbox {
+    let d = drift(
+        &SynthConfig {
+            users: 300,
+            items: 400,
+            events: 24_000,
+            topics: 8,
+            days: 10,
+            drift: 0.8,
+            seed: 5,
+            ..Default::default()
+        },
+        0.3,
+    );
+    let seed = d.seed;
+    let sb = SandboxBuilder::new(&[1, 1, 1])
+        .bootstrap(move |root| {
+            seed_event_log(root, &seed);
+            let (m, t) = small();
+            publish_trained(root, MODEL, ModelVersion(1), &seed, &m, &t);
+        })
+        .start()
+        .await;
+    let (ok, bad) = record(&sb.user_tower.url(), &d.fresh, 500).await;
+    assert_eq!(bad, 0, "fresh events rejected");
+    assert_eq!(ok as usize, d.fresh.len());
+    sb
+}
+
+fn config() -> RetrainConfig {
+    let (model, train) = small();
+    let mut c = RetrainConfig {
+        model,
+        train,
+        ..Default::default()
+    };
+    c.canary.watch_seconds = 1.0;
+    c.canary.probe_users = 100;
+    c.canary.interval_ms = 100;
+    c
+}
+
+fn retrainer(sb: &Sandbox, cfg: RetrainConfig, fault: Option<Fault>) -> Retrainer {
+    let root = sb.dir.path().to_path_buf();
+    let mut o = CycleOptions::new(root.clone(), MODEL, sb.events_dir());
+    o.fleet = Some(Fleet {
+        hosts: sb.host_urls(),
+        user_tower: sb.user_tower.url(),
+        artifacts: root,
+        model: MODEL.into(),
+        admin_token: TOKEN.into(),
+    });
+    o.homefeed = Some(sb.homefeed.url());
+    o.fault = fault;
+    Retrainer::new(o, cfg)
+}
+
+async fn host_versions(sb: &Sandbox) -> Vec<String> {
+    let mut out = Vec::new();
+    for url in sb.host_urls() {
+        out.push(
+            tandem_retrain::fleet::metadata(&url)
+                .await
+                .expect("metadata")
+                .model_version,
+        );
+    }
+    out
+}
+
+fn published(sb: &Sandbox) -> Vec<ModelVersion> {
+    Registry::open(sb.dir.path()).list(MODELS, MODEL).unwrap()
+}
+
+#[derive(Default)]
+struct Traffic {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    mismatched: AtomicU64,
+    by_version: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Closed-loop GetCandidates traffic from two workers until `stop`.
+fn traffic(
+    sb: &Sandbox,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Traffic>, Vec<tokio::task::JoinHandle<()>>) {
+    let t = Arc::new(Traffic::default());
+    let tasks = (0..2)
+        .map(|w| {
+            let mut c = sb.client.clone();
+            let t = t.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut k = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    k += 1;
+                    let req = pb::GetCandidatesRequest {
+                        user_id: format!("u{}", (w * 131 + k * 7) % 300),
+                        k: 20,
+                        exclude_seen: k % 2 == 0,
+                    };
+                    match c.get_candidates(req).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            if r.embedding_version != r.model_version {
+                                t.mismatched.fetch_add(1, Ordering::SeqCst);
+                            }
+                            *t.by_version
+                                .lock()
+                                .unwrap()
+                                .entry(r.model_version)
+                                .or_default() += 1;
+                            t.ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => {
+                            t.failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (t, tasks)
+}
+
+fn explain(r: &CycleRecord) -> String {
+    serde_json::to_string_pretty(r).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers() {
+    let sb = cluster().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (t, tasks) = traffic(&sb, stop.clone());
+    let rec = retrainer(&sb, config(), None).run_cycle().await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(rec.outcome, Outcome::Deployed, "{}", explain(&rec));
+    assert_eq!(rec.version.as_deref(), Some("v2"));
+    assert_eq!(host_versions(&sb).await, ["v2", "v2", "v2"]);
+    assert!(rec.gate.iter().all(|d| d.passed));
+    assert!(rec.candidate_metrics["recall@50"] > 0.0);
+    assert!(
+        !rec.champion_metrics.is_empty(),
+        "the champion was evaluated too"
+    );
+    let by = t.by_version.lock().unwrap().clone();
+    println!(
+        "traffic during the cycle: {by:?}, failed {}",
+        t.failed.load(Ordering::SeqCst)
+    );
+    assert_eq!(t.mismatched.load(Ordering::SeqCst), 0);
+    assert_eq!(t.failed.load(Ordering::SeqCst), 0);
+    assert!(by.contains_key("v1") && by.contains_key("v2"), "{by:?}");
+    // The canary watched the first host, then the whole fleet.
+    let phases: Vec<&str> = rec.canary.iter().map(|c| c.phase.as_str()).collect();
+    assert_eq!(phases, ["baseline", "canary", "fleet"]);
+    // The cycle is in the history, and a second cycle right away has nothing new to learn.
+    let r = retrainer(&sb, config(), None);
+    assert_eq!(r.history().cycles().unwrap().len(), 1);
+    let again = r.run_cycle().await;
+    assert_eq!(again.outcome, Outcome::Skipped, "{}", explain(&again));
+    assert_eq!(again.champion.as_deref(), Some("v2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_trained_on_shuffled_item_ids_is_rejected_and_nothing_is_deployed() {
+    let sb = cluster().await;
+    let rec = retrainer(&sb, config(), Some(Fault::ShuffleTrainItems))
+        .run_cycle()
+        .await;
+    assert_eq!(rec.outcome, Outcome::Rejected, "{}", explain(&rec));
+    assert!(rec.reason.contains("vs_champion"), "{}", rec.reason);
+    assert!(rec.version.is_none());
+    assert_eq!(published(&sb), [ModelVersion(1)]);
+    assert_eq!(host_versions(&sb).await, ["v1", "v1", "v1"]);
+    let cycles = retrainer(&sb, config(), None).history().cycles().unwrap();
+    assert_eq!(cycles[0].outcome, Outcome::Rejected);
+    assert_eq!(cycles[0].reason, rec.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_passes_the_gate_but_fails_the_canary_is_rolled_back() {
+    let sb = cluster().await;
+    let mut cfg = config();
+    cfg.gate.min_delta = -1.0;
+    cfg.gate.min_coverage_ratio = 0.0;
+    let rec = retrainer(&sb, cfg, Some(Fault::ShuffleTrainItems))
+        .run_cycle()
+        .await;
+    assert_eq!(rec.outcome, Outcome::RolledBack, "{}", explain(&rec));
+    assert!(rec.reason.starts_with("canary failed"), "{}", rec.reason);
+    assert_eq!(rec.version.as_deref(), Some("v2"));
+    assert_eq!(host_versions(&sb).await, ["v1", "v1", "v1"]);
+    assert_eq!(rec.rollback.len(), 1, "only the canary host had moved");
+    let canary = &rec.canary[1];
+    assert!(canary.hit_rate < rec.canary[0].hit_rate);
+    assert_eq!(canary.mismatched, 0);
+
+    // An interrupted cycle (the process died after moving a host) is settled on restart.
+    tandem_sandbox::load(&sb.host_urls()[0], "v2").await;
+    let r = retrainer(&sb, config(), None);
+    let mut crashed = CycleRecord::new(2, 0);
+    crashed.version = Some("v2".into());
+    r.history().append(&crashed).unwrap();
+    let settled = r.resume().await.unwrap().expect("an interrupted cycle");
+    assert_eq!(settled.outcome, Outcome::Failed);
+    assert!(settled.reason.contains("interrupted"), "{}", settled.reason);
+    assert_eq!(host_versions(&sb).await, ["v1", "v1", "v1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_training_is_recorded_and_leaves_the_fleet_untouched() {
+    let sb = cluster().await;
+    let rec = retrainer(&sb, config(), Some(Fault::CrashTraining))
+        .run_cycle()
+        .await;
+    assert_eq!(rec.outcome, Outcome::Failed);
+    assert!(rec.reason.contains("training crashed"), "{}", rec.reason);
+    assert_eq!(published(&sb), [ModelVersion(1)]);
+    assert_eq!(host_versions(&sb).await, ["v1", "v1", "v1"]);
+}
