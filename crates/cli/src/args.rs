@@ -96,3 +96,30 @@ pub fn model_dir(path: &Path) -> Result<&Path> {
     }
     Ok(path)
 }
+
+/// `90s`, `30m`, `6h`, `1d` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 6h or 1d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (expected s, m, h or d)"
+            ))
+        }
+    };
+    if !(secs > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}

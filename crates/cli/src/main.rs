@@ -48,6 +48,10 @@ enum Command {
     Rollout(cmd::fleet::RolloutArgs),
     /// Roll ANN hosts back to their previous versions.
     Rollback(cmd::fleet::RollbackArgs),
+    /// Retrain on fresh events, gate against the serving version, publish, roll out, watch.
+    Retrain(Box<cmd::retrain::Args>),
+    /// The retrain history (`--plot FILE.svg|png` draws it).
+    History(cmd::retrain::HistoryArgs),
     /// Hosts × versions, user-tower versions, pins.
     Status(cmd::fleet::Fleet),
     /// Simulations on an in-process cluster.
@@ -72,15 +76,22 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line names the bad flag or value.
+            // One line: clap's first line names the bad flag or value; when it ends in a colon
+            // (missing arguments), the list that follows goes on the same line.
             let rendered = e.render().to_string();
-            eprintln!(
-                "{}",
-                rendered
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            let mut lines = rendered.lines().filter(|l| !l.trim().is_empty());
+            let first = lines.next().unwrap_or("error: invalid arguments");
+            let line = match first.strip_suffix(':') {
+                Some(head) => {
+                    let rest: Vec<&str> = lines
+                        .take_while(|l| l.starts_with(' '))
+                        .map(str::trim)
+                        .collect();
+                    format!("{head}: {}", rest.join(", "))
+                }
+                None => first.to_string(),
+            };
+            eprintln!("{line}");
             return ExitCode::from(2);
         }
     };
@@ -103,6 +114,8 @@ fn main() -> ExitCode {
         Command::Call(c) => cmd::call::run(c),
         Command::Rollout(a) => cmd::fleet::rollout(a),
         Command::Rollback(a) => cmd::fleet::rollback(a),
+        Command::Retrain(a) => cmd::retrain::run(*a),
+        Command::History(a) => cmd::retrain::history(a),
         Command::Status(f) => cmd::fleet::status(f),
         Command::Sim(s) => cmd::sim::run(s),
         Command::Bench(b) => cmd::bench::run(b),

@@ -652,3 +652,90 @@ fn the_rollout_simulation_shows_sync_never_mixes_versions_and_naive_does() {
     assert!(naive["mismatched"].as_u64().unwrap() > 0, "{naive}");
     assert!(sync["recall_at_k"].as_f64().unwrap() > naive["recall_at_k"].as_f64().unwrap());
 }
+
+#[test]
+fn retrain_once_publishes_then_skips_and_history_reports_and_plots_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    let events = data.join("events.csv");
+    let artifacts = dir.path().join("artifacts");
+    let cfg = dir.path().join("retrain.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\ndim = 16\nid_dim = 16\nhidden = 32\nhistory = 10\n[train]\nepochs = 2\nbatch_size = 256\n",
+    )
+    .unwrap();
+    let once = [
+        "retrain",
+        "--once",
+        "--events",
+        p(&events),
+        "--artifacts",
+        p(&artifacts),
+        "--config",
+        p(&cfg),
+        "--json",
+    ];
+    let first: serde_json::Value = serde_json::from_str(&ok(&once)).unwrap();
+    assert_eq!(first["outcome"], "published", "{first}");
+    assert_eq!(first["version"], "v1");
+    assert!(first["gate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["passed"] == true));
+    assert!(artifacts.join("models/tandem/v1/MANIFEST.sha256").is_file());
+    assert!(artifacts.join("indexes/tandem/v1/index.bin").is_file());
+    // Nothing newer than what v1's cycle saw: the next cycle skips.
+    let second: serde_json::Value = serde_json::from_str(&ok(&once)).unwrap();
+    assert_eq!(second["outcome"], "skipped", "{second}");
+    assert_eq!(second["champion"], "v1");
+
+    let hist = ["history", "--artifacts", p(&artifacts), "--json"];
+    let h: serde_json::Value = serde_json::from_str(&ok(&hist)).unwrap();
+    let outcomes: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["published", "skipped"]);
+    let table = ok(&["history", "--artifacts", p(&artifacts)]);
+    assert!(
+        table.contains("published") && table.contains("v1"),
+        "{table}"
+    );
+    for ext in ["svg", "png"] {
+        let plot = dir.path().join(format!("history.{ext}"));
+        ok(&["history", "--artifacts", p(&artifacts), "--plot", p(&plot)]);
+        assert!(std::fs::metadata(&plot).unwrap().len() > 100);
+    }
+
+    std::fs::write(&cfg, "[gate]\nmin_detla = 0.1\n").unwrap();
+    fails_with(&once, "min_detla");
+    fails_with(
+        &[
+            "retrain",
+            "--events",
+            p(&events),
+            "--artifacts",
+            p(&artifacts),
+        ],
+        "--once",
+    );
+    fails_with(
+        &[
+            "retrain",
+            "--once",
+            "--events",
+            p(&events),
+            "--hosts",
+            "http://127.0.0.1:1",
+        ],
+        "--user-tower",
+    );
+    fails_with(
+        &["retrain", "--every", "soon", "--events", p(&events)],
+        "duration",
+    );
+}

@@ -507,6 +507,32 @@ impl Retrainer {
     }
 }
 
+/// The events of the last `days` before the newest one.
+pub fn window(log: &EventLog, days: f64) -> EventLog {
+    let newest = log.ts.iter().copied().max().unwrap_or(0);
+    let from = newest - (days * 86_400.0) as i64;
+    let idx: Vec<u32> = (0..log.len() as u32)
+        .filter(|&e| log.ts[e as usize] >= from)
+        .collect();
+    log.subset(&idx)
+}
+
+/// The most recent `fraction` of `window` (by time) held out; the rest is for training.
+pub fn holdout(window: &EventLog, fraction: f64) -> Result<Split> {
+    let order = window.time_order();
+    let n_test = ((order.len() as f64) * fraction).round() as usize;
+    if n_test == 0 || n_test >= order.len() {
+        return Err(RetrainError::Invalid(format!(
+            "{} events in the window: too few to hold out a slice",
+            order.len()
+        )));
+    }
+    Ok(Split {
+        train: order[..order.len() - n_test].to_vec(),
+        test: order[order.len() - n_test..].to_vec(),
+    })
+}
+
 /// Reads the window, trains, evaluates candidate and champion, builds the index and applies the
 /// gate. CPU-bound: runs on a blocking thread.
 fn prepare(
@@ -514,14 +540,11 @@ fn prepare(
     cfg: &RetrainConfig,
     champion: Option<ModelVersion>,
 ) -> Result<Prep> {
-    let log = EventLog::read(&opts.events, &EventColumns::default())?;
-    let newest = log.ts.iter().copied().max().unwrap_or(0);
-    let from = newest - (cfg.window.days * 86_400.0) as i64;
-    let idx: Vec<u32> = (0..log.len() as u32)
-        .filter(|&e| log.ts[e as usize] >= from)
-        .collect();
-    let window = log.subset(&idx);
-    drop(log);
+    let window = window(
+        &EventLog::read(&opts.events, &EventColumns::default())?,
+        cfg.window.days,
+    );
+    let newest = window.ts.iter().copied().max().unwrap_or(0);
 
     let champ = match champion {
         Some(v) => {
@@ -546,18 +569,8 @@ fn prepare(
         }
     }
 
-    let order = window.time_order();
-    let n_test = ((order.len() as f64) * cfg.window.holdout_fraction).round() as usize;
-    if n_test == 0 || n_test >= order.len() {
-        return Err(RetrainError::Invalid(format!(
-            "{} events in the window: too few to hold out a slice",
-            order.len()
-        )));
-    }
-    let split = Split {
-        train: order[..order.len() - n_test].to_vec(),
-        test: order[order.len() - n_test..].to_vec(),
-    };
+    let split = holdout(&window, cfg.window.holdout_fraction)?;
+    let n_test = split.test.len();
     let mut train_log = window.subset(&split.train);
     if opts.fault == Some(Fault::ShuffleTrainItems) {
         shuffle_items(&mut train_log, cfg.train.seed);

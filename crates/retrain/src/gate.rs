@@ -12,7 +12,9 @@ use crate::config::GateConfig;
 pub struct Decision {
     pub rule: String,
     pub passed: bool,
+    #[serde(deserialize_with = "crate::history::nan_null::f64")]
     pub value: f64,
+    #[serde(deserialize_with = "crate::history::nan_null::f64")]
     pub threshold: f64,
     pub reason: String,
 }

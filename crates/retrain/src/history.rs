@@ -68,9 +68,9 @@ pub struct CycleRecord {
     pub train_data: Option<DataRange>,
     #[serde(default)]
     pub heldout_events: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_null::map")]
     pub candidate_metrics: BTreeMap<String, f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_null::map")]
     pub champion_metrics: BTreeMap<String, f64>,
     #[serde(default)]
     pub gate: Vec<Decision>,
@@ -107,6 +107,24 @@ impl CycleRecord {
             train_seconds: 0.0,
             seconds: 0.0,
         }
+    }
+}
+
+/// Non-finite numbers are written as JSON `null`; these read them back as NaN.
+pub(crate) mod nan_null {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        Ok(BTreeMap::<String, Option<f64>>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+            .collect())
     }
 }
 
@@ -195,6 +213,14 @@ mod tests {
         let mut done = CycleRecord::new(1, 10);
         done.outcome = Outcome::Rejected;
         done.reason = "recall@50 too low".into();
+        done.candidate_metrics.insert("recall@50".into(), f64::NAN);
+        done.gate.push(crate::gate::Decision {
+            rule: "vs_champion".into(),
+            passed: true,
+            value: 0.3,
+            threshold: f64::NAN,
+            reason: "no champion".into(),
+        });
         h.append(&done).unwrap();
         std::fs::OpenOptions::new()
             .append(true)
@@ -207,6 +233,8 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].outcome, Outcome::Rejected);
         assert_eq!(c[0].reason, "recall@50 too low");
+        assert!(c[0].candidate_metrics["recall@50"].is_nan());
+        assert!(c[0].gate[0].threshold.is_nan());
         assert_eq!(c[1].outcome, Outcome::Started);
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-pub const MODEL: &str = "m";
+pub const MODEL: &str = "tandem";
 pub const TOKEN: &str = "admin";
 
 /// One running in-process server.
@@ -175,6 +175,7 @@ pub struct SandboxBuilder {
     keep: usize,
     configure: Box<dyn FnOnce(&mut HomefeedConfig) + Send>,
     bootstrap: Bootstrap,
+    root: Option<std::path::PathBuf>,
 }
 
 impl SandboxBuilder {
@@ -188,7 +189,14 @@ impl SandboxBuilder {
                 publish_version(root, 1);
                 publish_version(root, 2);
             }),
+            root: None,
         }
+    }
+
+    /// Keeps the artifact store (and event log) in `dir` instead of a temporary directory.
+    pub fn root(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.root = Some(dir.into());
+        self
     }
 
     /// Replaces the default bootstrap (v1 and v2 of a tiny model): `f` gets the artifact root
@@ -212,7 +220,19 @@ impl SandboxBuilder {
     }
 
     pub async fn start(self) -> Sandbox {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = match self.root {
+            Some(path) => {
+                std::fs::create_dir_all(&path).expect("sandbox root");
+                Root { path, _tmp: None }
+            }
+            None => {
+                let tmp = tempfile::tempdir().expect("tempdir");
+                Root {
+                    path: tmp.path().to_path_buf(),
+                    _tmp: Some(tmp),
+                }
+            }
+        };
         let root = dir.path().to_path_buf();
         let boot = self.bootstrap;
         tokio::task::spawn_blocking(move || boot(&root))
@@ -300,9 +320,21 @@ impl SandboxBuilder {
     }
 }
 
+/// The sandbox's artifact root: a temporary directory unless one was given.
+pub struct Root {
+    path: std::path::PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Root {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 pub struct Sandbox {
     /// The artifact root; the user tower's event log is `<dir>/events`.
-    pub dir: tempfile::TempDir,
+    pub dir: Root,
     pub hosts: Vec<Service>,
     pub user_tower: Service,
     pub homefeed: Service,

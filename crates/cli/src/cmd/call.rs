@@ -119,14 +119,7 @@ pub enum AnnCall {
 
 /// A request carrying the admin token (`authorization: Bearer <token>`).
 pub fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("admin token is not valid header text")?,
-    );
-    Ok(r)
+    Ok(tandem_retrain::fleet::with_token(msg, token)?)
 }
 
 /// `[{"item_id", "score"}, …]` for JSON output.

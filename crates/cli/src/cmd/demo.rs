@@ -1,144 +1,427 @@
-//! `tandem demo`: the main job on the embedded default dataset — synthesise, split, train,
-//! publish, evaluate against the baselines and print a short report. Needs nothing outside the
-//! binary.
+//! `tandem demo`: the whole system on the embedded default dataset, in one process.
+//!
+//! Synthesises a drifting engagement log anchored at the present; trains v1 on its older part and
+//! indexes it; starts the user tower (its event log seeded with that part), N ANN hosts and the
+//! orchestrator on loopback; serves paced GetCandidates traffic; records the newer part of the
+//! log live through the user tower; runs one retrain cycle (candidate vs the serving v1 on the
+//! same held-out slice, gate, publish, canary-watched rollout); and reports quality, latency,
+//! versions over time and mismatched answers (which must be 0).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use tandem_data::synth::{generate, SynthConfig};
-use tandem_data::table::write_strings;
-use tandem_data::{FeatureTable, Protocol, Split};
+use anyhow::{bail, Result};
+use tandem_data::synth::SynthConfig;
+use tandem_data::{EventColumns, EventLog};
 use tandem_model::config::{ModelConfig, TrainConfig};
-use tandem_model::eval::{metrics, EvalSet, ItemCosine, ModelRanker, MostPopular, Recommender};
-use tandem_model::publish::{feature_schema_hash, publish_model};
-use tandem_model::train::{train, TrainInput};
-use tandem_types::ModelManifest;
+use tandem_model::eval::{metrics, EvalSet, ItemCosine, MostPopular, Recommender};
+use tandem_proto::homefeed::v1 as pb;
+use tandem_retrain::cycle::{holdout, window};
+use tandem_retrain::{CycleOptions, Fleet, Outcome, RetrainConfig, Retrainer};
+use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
+use tandem_sandbox::{SandboxBuilder, MODEL, TOKEN};
+use tandem_types::ModelVersion;
 
 use crate::args::print_json;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Working directory for the data and the artifact store.
+    /// Working directory; the cluster's artifacts and event log go to <out>/cluster (replaced on
+    /// every run).
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
     #[arg(long, default_value_t = SynthConfig::default().seed)]
     pub seed: u64,
+    /// ANN hosts.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: usize,
+    /// GetCandidates requests per second during the run.
+    #[arg(long, default_value_t = 100.0)]
+    pub rps: f64,
+    /// Seconds the canary watches each rollout phase.
+    #[arg(long, default_value_t = 5.0)]
+    pub watch_seconds: f64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Answers of one second of traffic.
+#[derive(Default, Clone, serde::Serialize)]
+struct Second {
+    by_version: BTreeMap<String, u64>,
+    errors: u64,
+    mismatched: u64,
+}
+
+#[derive(Default)]
+struct Traffic {
+    seconds: Vec<Second>,
+    latency_ms: Vec<f64>,
+}
+
+fn model_config() -> (ModelConfig, TrainConfig) {
+    (
+        ModelConfig::default(),
+        TrainConfig {
+            epochs: 8,
+            ..Default::default()
+        },
+    )
+}
+
 pub fn run(a: Args) -> Result<()> {
+    if a.hosts == 0 || !(a.rps > 0.0) {
+        bail!("--hosts and --rps must be positive");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(demo(a))
+}
+
+async fn demo(a: Args) -> Result<()> {
     let started = Instant::now();
-    let say = |msg: &str| {
-        if !a.json {
+    let json = a.json;
+    let say = move |msg: &str| {
+        if !json {
             eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
         }
     };
-    let cfg = SynthConfig {
+    let root = a.out.join("cluster");
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    let synth = SynthConfig {
         seed: a.seed,
+        days: 14,
         ..Default::default()
     };
     say(&format!(
-        "synthesising {} users, {} items, {} events",
-        cfg.users, cfg.items, cfg.events
+        "synthesising {} users, {} items, {} events over {} days ending now",
+        synth.users, synth.items, synth.events, synth.days
     ));
-    let data = generate(&cfg);
-    let data_dir = a.out.join("data");
-    std::fs::create_dir_all(&data_dir)?;
-    let items_path = data_dir.join("items.csv.gz");
-    let users_path = data_dir.join("users.csv.gz");
-    data.events
-        .write(&data_dir.join("events.csv.gz"), None, false)?;
-    write_strings(&items_path, &data.item_headers, &data.items)?;
-    write_strings(&users_path, &data.user_headers, &data.users)?;
-    let item_features = FeatureTable::read(&items_path, "item_id", None)?;
-    let user_features = FeatureTable::read(&users_path, "user_id", None)?;
-
-    let split = Split::new(&data.events, Protocol::User);
-    let train_log = data.events.subset(&split.train);
+    let d = drift(&synth, 0.2);
+    let users: Vec<String> = d.seed.users.names().to_vec();
+    let seeded = d.seed.len();
+    let (mcfg, tcfg) = model_config();
     say(&format!(
-        "training on {} events (each user's last 20 % held out for the report)",
-        train_log.len()
+        "training v1 on the older {seeded} events, indexing it, starting {} ANN hosts, the user tower and the orchestrator",
+        a.hosts
     ));
-    let model_cfg = ModelConfig::default();
-    let train_cfg = TrainConfig {
-        epochs: 10,
+    let v1_seconds = Arc::new(Mutex::new(0.0));
+    let v1_clock = v1_seconds.clone();
+    let seed_log = d.seed;
+    let (m, t) = (mcfg.clone(), tcfg.clone());
+    let sb = SandboxBuilder::new(&vec![1; a.hosts])
+        .root(&root)
+        .bootstrap(move |root| {
+            seed_event_log(root, &seed_log);
+            let (_, report) = publish_trained(root, MODEL, ModelVersion(1), &seed_log, &m, &t);
+            *v1_clock.lock().unwrap() = report.seconds;
+        })
+        .start()
+        .await;
+    say(&format!(
+        "cluster up: user tower {}, hosts {}, homefeed {}",
+        sb.user_tower.url(),
+        sb.host_urls().join(" "),
+        sb.homefeed.url()
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = Arc::new(Mutex::new(Traffic::default()));
+    let driver = tokio::spawn(drive(
+        sb.client.clone(),
+        users,
+        a.rps,
+        stop.clone(),
+        traffic.clone(),
+        started,
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    say(&format!(
+        "recording {} newer engagements (interests have drifted) through the user tower",
+        d.fresh.len()
+    ));
+    let t = Instant::now();
+    let (accepted, rejected) = record(&sb.user_tower.url(), &d.fresh, 1000).await;
+    let record_seconds = t.elapsed().as_secs_f64();
+    if rejected > 0 {
+        bail!("the user tower rejected {rejected} of the fresh events");
+    }
+
+    let mut cfg = RetrainConfig {
+        model: mcfg,
+        train: tcfg,
         ..Default::default()
     };
-    let input = TrainInput {
-        log: &train_log,
-        user_features: Some(&user_features),
-        item_features: Some(&item_features),
-        validation: Some(Protocol::User),
-    };
-    let (model, report) = train(&input, &model_cfg, &train_cfg, !a.json)?;
-    let meta = ModelManifest {
-        dim: model_cfg.dim,
-        feature_schema_hash: feature_schema_hash(&model),
-        data: train_log.data_range(),
-        hyperparameters: serde_json::json!({ "model": model_cfg, "train": train_cfg, "synth": cfg }),
-        validation: report.validation.clone(),
-        train_seconds: report.seconds,
-    };
-    let published = publish_model(&a.out.join("artifacts"), "tandem", None, &model, &meta)?;
-    say(&format!(
-        "published {} at {}",
-        published.version,
-        published.dir.display()
-    ));
+    cfg.canary.watch_seconds = a.watch_seconds;
+    cfg.rollout.pause_ms = 1000;
+    let mut opts = CycleOptions::new(root.clone(), MODEL, sb.events_dir());
+    opts.fleet = Some(Fleet {
+        hosts: sb.host_urls(),
+        user_tower: sb.user_tower.url(),
+        artifacts: root.clone(),
+        model: MODEL.into(),
+        admin_token: TOKEN.into(),
+    });
+    opts.homefeed = Some(sb.homefeed.url());
+    opts.say = Arc::new(move |m| say(m));
+    let retrainer = Retrainer::new(opts, cfg.clone());
+    let cycle_started = started.elapsed().as_secs_f64();
+    let rec = retrainer.run_cycle().await;
+    let cycle_finished = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    driver.await?;
 
-    let set = EvalSet::new(&data.events, &split);
-    let rankers: Vec<Box<dyn Recommender>> = vec![
-        Box::new(ModelRanker {
-            model: &model,
-            log: &data.events,
-            items: None,
-        }),
-        Box::new(MostPopular),
-        Box::new(ItemCosine::default()),
-    ];
-    let mut results = serde_json::Map::new();
-    for r in &rankers {
-        let m = metrics(&set, &r.recommend(&set, 100)?);
-        results.insert(r.name(), serde_json::to_value(&m.values)?);
+    // The baselines on the very slice the gate used.
+    let log = EventLog::read(&sb.events_dir(), &EventColumns::default())?;
+    let win = window(&log, cfg.window.days);
+    let split = holdout(&win, cfg.window.holdout_fraction)?;
+    let set = EvalSet::new(&win, &split).sample(cfg.window.eval_users, cfg.train.seed);
+    let mut quality = BTreeMap::new();
+    if let Some(v) = &rec.version {
+        quality.insert(format!("{v} (retrained)"), rec.candidate_metrics.clone());
+    }
+    if let Some(v) = &rec.champion {
+        quality.insert(format!("{v} (serving)"), rec.champion_metrics.clone());
+    }
+    let baselines: Vec<Box<dyn Recommender>> =
+        vec![Box::new(MostPopular), Box::new(ItemCosine::default())];
+    for r in &baselines {
+        quality.insert(r.name(), metrics(&set, &r.recommend(&set, 100)?).values);
+    }
+
+    let tr = traffic.lock().unwrap();
+    let mut lat = tr.latency_ms.clone();
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let requests: u64 = tr
+        .seconds
+        .iter()
+        .map(|s| s.by_version.values().sum::<u64>() + s.errors)
+        .sum();
+    let errors: u64 = tr.seconds.iter().map(|s| s.errors).sum();
+    let mismatched: u64 = tr.seconds.iter().map(|s| s.mismatched).sum();
+    let mut final_versions = Vec::new();
+    for url in sb.host_urls() {
+        final_versions.push(
+            tandem_retrain::fleet::metadata(&url)
+                .await
+                .map(|m| m.model_version)
+                .unwrap_or_else(|e| format!("down ({e})")),
+        );
     }
     let out = serde_json::json!({
-        "version": published.version,
-        "model_dir": published.dir,
-        "train_events": train_log.len(),
-        "test_users": set.users.len(),
-        "best_epoch": report.best_epoch,
-        "train_seconds": report.seconds,
-        "results": results,
+        "artifacts": root,
+        "data": {"users": synth.users, "items": synth.items, "seeded_events": seeded, "recorded_events": accepted, "record_seconds": record_seconds},
+        "v1_train_seconds": *v1_seconds.lock().unwrap(),
+        "cycle": rec,
+        "cycle_window_seconds": [cycle_started, cycle_finished],
+        "heldout_users": set.users.len(),
+        "quality": quality,
+        "traffic": {"requests": requests, "errors": errors, "mismatched": mismatched, "p50_ms": q(0.5), "p99_ms": q(0.99), "rps": a.rps},
+        "timeline": tr.seconds,
+        "hosts_after": final_versions,
         "seconds": started.elapsed().as_secs_f64(),
     });
     if a.json {
-        return print_json(&out);
+        print_json(&out)?;
+    } else {
+        print_report(&out, &tr.seconds);
     }
+    if mismatched > 0 {
+        bail!("{mismatched} answers mixed versions: the anytime-sync invariant was broken");
+    }
+    if rec.outcome != Outcome::Deployed {
+        bail!(
+            "the retrain cycle ended {}: {}",
+            rec.outcome.as_str(),
+            rec.reason
+        );
+    }
+    Ok(())
+}
+
+/// Paced GetCandidates traffic (two workers) until `stop`, tallied per second since `t0`.
+async fn drive(
+    client: tandem_proto::homefeed::v1::homefeed_client::HomefeedClient<tonic::transport::Channel>,
+    users: Vec<String>,
+    rps: f64,
+    stop: Arc<AtomicBool>,
+    out: Arc<Mutex<Traffic>>,
+    t0: Instant,
+) {
+    let workers = 2;
+    let gap = Duration::from_secs_f64(workers as f64 / rps);
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let mut c = client.clone();
+            let users = users.clone();
+            let stop = stop.clone();
+            let out = out.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(gap);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut k: usize = w;
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    k = k.wrapping_mul(2_654_435_761).wrapping_add(12_345) % 1_000_003;
+                    let user = users[k % users.len()].clone();
+                    let t = Instant::now();
+                    let r = c
+                        .get_candidates(pb::GetCandidatesRequest {
+                            user_id: user,
+                            k: 20,
+                            exclude_seen: true,
+                        })
+                        .await;
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    let sec = t0.elapsed().as_secs() as usize;
+                    let mut o = out.lock().unwrap();
+                    if o.seconds.len() <= sec {
+                        o.seconds.resize(sec + 1, Second::default());
+                    }
+                    match r {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            let s = &mut o.seconds[sec];
+                            if r.embedding_version != r.model_version {
+                                s.mismatched += 1;
+                            }
+                            *s.by_version.entry(r.model_version).or_default() += 1;
+                            o.latency_ms.push(ms);
+                        }
+                        Err(_) => o.seconds[sec].errors += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+fn print_report(out: &serde_json::Value, seconds: &[Second]) {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let c = &out["cycle"];
+    println!("\nTandem demo — the embedded synthetic dataset, a live in-process cluster");
     println!(
-        "\nTandem demo — model {} on the embedded synthetic dataset",
-        published.version
+        "data       {} users, {} items; {} events seeded, {} recorded live through the user tower in {:.1}s",
+        out["data"]["users"],
+        out["data"]["items"],
+        out["data"]["seeded_events"],
+        out["data"]["recorded_events"],
+        f(&out["data"]["record_seconds"])
     );
     println!(
-        "{:<14}{:>12}{:>12}{:>12}{:>14}",
-        "", "recall@10", "recall@50", "ndcg@10", "coverage@10"
+        "retrain    cycle {}: {} {} — {}",
+        c["cycle"],
+        c["outcome"].as_str().unwrap_or(""),
+        c["version"].as_str().unwrap_or(""),
+        c["reason"].as_str().unwrap_or("")
     );
-    for (name, m) in &results {
+    for d in c["gate"].as_array().into_iter().flatten() {
         println!(
-            "{name:<14}{:>12.4}{:>12.4}{:>12.4}{:>14.4}",
-            m["recall@10"].as_f64().unwrap_or(0.0),
-            m["recall@50"].as_f64().unwrap_or(0.0),
-            m["ndcg@10"].as_f64().unwrap_or(0.0),
-            m["coverage@10"].as_f64().unwrap_or(0.0)
+            "  gate     {} {:<16} {}",
+            if d["passed"].as_bool() == Some(true) {
+                "pass"
+            } else {
+                "FAIL"
+            },
+            d["rule"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("")
+        );
+    }
+    for r in c["canary"].as_array().into_iter().flatten() {
+        println!(
+            "  canary   {:<8} {} probes, hit rate {:.3}, errors {}, mismatched {}, p99 {:.1} ms {}",
+            r["phase"].as_str().unwrap_or(""),
+            r["requests"],
+            f(&r["hit_rate"]),
+            r["errors"],
+            r["mismatched"],
+            f(&r["p99_ms"]),
+            r["reason"].as_str().unwrap_or("")
         );
     }
     println!(
-        "trained in {:.1}s ({} epochs); total {:.1}s",
-        report.seconds,
-        report.epochs.len(),
-        started.elapsed().as_secs_f64()
+        "\nquality on the held-out slice (the last 10 % of the window, {} users)",
+        out["heldout_users"]
     );
-    Ok(())
+    println!(
+        "  {:<16}{:>11}{:>11}{:>11}{:>13}",
+        "", "recall@10", "recall@50", "ndcg@10", "coverage@10"
+    );
+    for (name, m) in out["quality"].as_object().into_iter().flatten() {
+        println!(
+            "  {name:<16}{:>11.4}{:>11.4}{:>11.4}{:>13.4}",
+            f(&m["recall@10"]),
+            f(&m["recall@50"]),
+            f(&m["ndcg@10"]),
+            f(&m["coverage@10"])
+        );
+    }
+    let t = &out["traffic"];
+    println!(
+        "\ntraffic    {} GetCandidates at {} rps: {} errors, {} mismatched, p50 {:.2} ms, p99 {:.2} ms",
+        t["requests"],
+        t["rps"],
+        t["errors"],
+        t["mismatched"],
+        f(&t["p50_ms"]),
+        f(&t["p99_ms"])
+    );
+    println!("versions over time (answers per index version, 5-second buckets; retrain cycle from {:.0}s to {:.0}s)",
+        f(&out["cycle_window_seconds"][0]), f(&out["cycle_window_seconds"][1]));
+    for (i, chunk) in seconds.chunks(5).enumerate() {
+        let mut by: BTreeMap<&str, u64> = BTreeMap::new();
+        let (mut e, mut m) = (0, 0);
+        for s in chunk {
+            for (v, n) in &s.by_version {
+                *by.entry(v).or_default() += n;
+            }
+            e += s.errors;
+            m += s.mismatched;
+        }
+        if by.is_empty() && e == 0 {
+            continue;
+        }
+        let mix: Vec<String> = by.iter().map(|(v, n)| format!("{v}:{n:<4}")).collect();
+        println!(
+            "  {:>4}–{:<4}s  {:<24} errors {e}  mismatched {m}",
+            i * 5,
+            i * 5 + chunk.len(),
+            mix.join(" ")
+        );
+    }
+    println!(
+        "hosts now  {}",
+        out["hosts_after"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "total {:.1}s; artifacts and event log in {} (try: tandem history --artifacts {})",
+        f(&out["seconds"]),
+        out["artifacts"].as_str().unwrap_or(""),
+        out["artifacts"].as_str().unwrap_or("")
+    );
 }

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod fleet;
 pub mod index;
 pub mod recommend;
+pub mod retrain;
 pub mod serve;
 pub mod sim;
 pub mod split;

@@ -1,0 +1,175 @@
+//! `tandem retrain` (one cycle with `--once`, a daemon with `--every`) and `tandem history`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tandem_retrain::{CycleOptions, Fault, Fleet, History, Outcome, RetrainConfig, Retrainer};
+
+use crate::args::{parse_duration, print_json};
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("schedule").required(true).args(["once", "every"])))]
+pub struct Args {
+    /// The event log: a segment directory as the user-tower service writes it, or an event file.
+    #[arg(long, env = "TANDEM_EVENT_LOG")]
+    pub events: PathBuf,
+    /// Artifact store root.
+    #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// Retraining configuration (TOML with [window], [gate], [canary], [rollout], [model],
+    /// [train]); the documented defaults when omitted.
+    #[arg(long, env = "TANDEM_RETRAIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Run one cycle and exit (for cron or a Kubernetes CronJob).
+    #[arg(long)]
+    pub once: bool,
+    /// Run a cycle every DURATION (90s, 30m, 6h, 1d) until SIGINT or SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    pub every: Option<Duration>,
+    /// ANN host URLs in rollout order; without them a passing candidate is published only.
+    #[arg(long, env = "TANDEM_ANN_HOSTS", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    #[arg(long, env = "TANDEM_USER_TOWER")]
+    pub user_tower: Option<String>,
+    /// Homefeed orchestrator URL for the canary probe (no canary without it).
+    #[arg(long, env = "TANDEM_HOMEFEED")]
+    pub homefeed: Option<String>,
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    #[arg(long)]
+    pub user_features: Option<PathBuf>,
+    #[arg(long)]
+    pub item_features: Option<PathBuf>,
+    /// Inject a fault, for drills: shuffle-train-items or crash-training.
+    #[arg(long)]
+    pub fault: Option<Fault>,
+    /// Print each cycle's record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HistoryArgs {
+    #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// Draw the metrics across cycles to FILE (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn options(a: &Args) -> Result<CycleOptions> {
+    let mut o = CycleOptions::new(a.artifacts.clone(), &a.model, a.events.clone());
+    o.user_features = a.user_features.clone();
+    o.item_features = a.item_features.clone();
+    o.homefeed = a.homefeed.clone();
+    o.fault = a.fault;
+    if !a.hosts.is_empty() {
+        let (Some(user_tower), Some(token)) = (&a.user_tower, &a.admin_token) else {
+            bail!("--hosts needs --user-tower and --admin-token (the rollout checks the user tower and loads versions)");
+        };
+        o.fleet = Some(Fleet {
+            hosts: a.hosts.clone(),
+            user_tower: user_tower.clone(),
+            artifacts: a.artifacts.clone(),
+            model: a.model.clone(),
+            admin_token: token.clone(),
+        });
+    }
+    if !a.json {
+        o.say = Arc::new(|m| eprintln!("{m}"));
+    }
+    Ok(o)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => RetrainConfig::read(p)?,
+        None => RetrainConfig::default(),
+    };
+    if !a.events.exists() {
+        bail!("{}: no such event log", a.events.display());
+    }
+    let retrainer = Retrainer::new(options(&a)?, cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        if let Some(every) = a.every {
+            retrainer
+                .run_every(every, crate::cmd::serve::shutdown_signal())
+                .await?;
+            return Ok(());
+        }
+        retrainer.resume().await?;
+        let rec = retrainer.run_cycle().await;
+        if a.json {
+            print_json(&rec)?;
+        }
+        match rec.outcome {
+            Outcome::Failed | Outcome::RolledBack => {
+                bail!(
+                    "cycle {} {}: {}",
+                    rec.cycle,
+                    rec.outcome.as_str(),
+                    rec.reason
+                )
+            }
+            _ => Ok(()),
+        }
+    })
+}
+
+pub fn history(a: HistoryArgs) -> Result<()> {
+    let h = History::for_model(&a.artifacts, &a.model);
+    let cycles = h.cycles()?;
+    if let Some(path) = &a.plot {
+        tandem_retrain::plot::plot(&cycles, path)?;
+        if !a.json {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if a.json {
+        return print_json(&cycles);
+    }
+    if cycles.is_empty() {
+        println!("no retrain cycles recorded in {}", h.path().display());
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:<20} {:<12} {:<9} {:>8} {:>8}  reason",
+        "cycle", "started (UTC)", "outcome", "version", "cand", "champ"
+    );
+    for c in &cycles {
+        let started = chrono::DateTime::from_timestamp(c.started_at, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let metric = |m: &std::collections::BTreeMap<String, f64>| {
+            m.get("recall@50")
+                .map_or("-".to_string(), |v| format!("{v:.4}"))
+        };
+        let version = match (&c.champion, &c.version) {
+            (_, Some(v)) => v.clone(),
+            (Some(ch), None) => format!("({ch})"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>5}  {:<20} {:<12} {:<9} {:>8} {:>8}  {}",
+            c.cycle,
+            started,
+            c.outcome.as_str(),
+            version,
+            metric(&c.candidate_metrics),
+            metric(&c.champion_metrics),
+            c.reason
+        );
+    }
+    Ok(())
+}
