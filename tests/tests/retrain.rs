@@ -141,7 +141,7 @@ fn traffic(
                     let req = pb::GetCandidatesRequest {
                         user_id: format!("u{}", (w * 131 + k * 7) % 300),
                         k: 20,
-                        exclude_seen: k % 2 == 0,
+                        exclude_seen: k.is_multiple_of(2),
                     };
                     match c.get_candidates(req).await {
                         Ok(r) => {

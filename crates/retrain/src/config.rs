@@ -164,7 +164,7 @@ impl RetrainConfig {
 
     fn validate(&self) -> Result<(), String> {
         let w = &self.window;
-        if !(w.days > 0.0) {
+        if w.days.is_nan() || w.days <= 0.0 {
             return Err(format!("window.days must be positive, got {}", w.days));
         }
         if !(w.holdout_fraction > 0.0 && w.holdout_fraction < 0.5) {

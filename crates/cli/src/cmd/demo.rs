@@ -74,7 +74,7 @@ fn model_config() -> (ModelConfig, TrainConfig) {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.hosts == 0 || !(a.rps > 0.0) {
+    if a.hosts == 0 || a.rps.is_nan() || a.rps <= 0.0 {
         bail!("--hosts and --rps must be positive");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -198,7 +198,7 @@ async fn demo(a: Args) -> Result<()> {
         quality.insert(r.name(), metrics(&set, &r.recommend(&set, 100)?).values);
     }
 
-    let tr = traffic.lock().unwrap();
+    let tr = std::mem::take(&mut *traffic.lock().unwrap());
     let mut lat = tr.latency_ms.clone();
     lat.sort_by(f64::total_cmp);
     let q = |p: f64| {
@@ -385,8 +385,14 @@ fn print_report(out: &serde_json::Value, seconds: &[Second]) {
         f(&t["p50_ms"]),
         f(&t["p99_ms"])
     );
-    println!("versions over time (answers per index version, 5-second buckets; retrain cycle from {:.0}s to {:.0}s)",
-        f(&out["cycle_window_seconds"][0]), f(&out["cycle_window_seconds"][1]));
+    println!(
+        "versions over time (answers per index version; the retrain cycle ran from {:.0}s to {:.0}s)",
+        f(&out["cycle_window_seconds"][0]),
+        f(&out["cycle_window_seconds"][1])
+    );
+    // 5-second buckets; consecutive buckets answered by the same set of versions are merged.
+    type Row<'a> = (usize, usize, BTreeMap<&'a str, u64>, u64, u64);
+    let mut rows: Vec<Row> = Vec::new();
     for (i, chunk) in seconds.chunks(5).enumerate() {
         let mut by: BTreeMap<&str, u64> = BTreeMap::new();
         let (mut e, mut m) = (0, 0);
@@ -400,11 +406,23 @@ fn print_report(out: &serde_json::Value, seconds: &[Second]) {
         if by.is_empty() && e == 0 {
             continue;
         }
-        let mix: Vec<String> = by.iter().map(|(v, n)| format!("{v}:{n:<4}")).collect();
+        let (from, to) = (i * 5, i * 5 + chunk.len());
+        match rows.last_mut() {
+            Some(last) if by.len() == 1 && last.2.len() == 1 && last.2.keys().eq(by.keys()) => {
+                last.1 = to;
+                for (v, n) in by {
+                    *last.2.entry(v).or_default() += n;
+                }
+                last.3 += e;
+                last.4 += m;
+            }
+            _ => rows.push((from, to, by, e, m)),
+        }
+    }
+    for (from, to, by, e, m) in rows {
+        let mix: Vec<String> = by.iter().map(|(v, n)| format!("{v}:{n}")).collect();
         println!(
-            "  {:>4}–{:<4}s  {:<24} errors {e}  mismatched {m}",
-            i * 5,
-            i * 5 + chunk.len(),
+            "  {from:>4}–{to:<4}s  {:<22} errors {e}  mismatched {m}",
             mix.join(" ")
         );
     }
