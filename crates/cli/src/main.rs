@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the main job on the embedded default dataset and print a report.
     Demo(cmd::demo::Args),
+    /// Initialise an empty artifact store for a cluster: event log and v1 (compose's one-shot).
+    Bootstrap(cmd::bootstrap::Args),
     /// Generate the embedded default dataset (events, item and user features).
     Synth(cmd::synth::Args),
     /// Split an event log by an evaluation protocol into train and test files.
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bootstrap(a) => cmd::bootstrap::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Split(a) => cmd::split::run(a),
         Command::Train(a) => cmd::train::run(*a),

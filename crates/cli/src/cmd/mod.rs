@@ -2,6 +2,7 @@ pub mod bench;
 pub mod bench_ann;
 pub mod bench_homefeed;
 pub mod bench_usertower;
+pub mod bootstrap;
 pub mod call;
 pub mod demo;
 pub mod eval;
