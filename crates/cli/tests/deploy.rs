@@ -1,0 +1,183 @@
+//! The deploy manifests stay true to the binary: every Kubernetes manifest and the compose file
+//! parse, every flag a container passes exists in that subcommand's `--help`, and every port a
+//! container listens on is the port its Service, probe and peers use.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+/// Every `args`/`command` list of a container anywhere in `v`.
+fn arg_lists(v: &Value, out: &mut Vec<Vec<String>>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                if matches!(k.as_str(), Some("args" | "command")) {
+                    if let Value::Sequence(s) = v {
+                        out.push(
+                            s.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect(),
+                        );
+                        continue;
+                    }
+                }
+                arg_lists(v, out);
+            }
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| arg_lists(v, out)),
+        _ => {}
+    }
+}
+
+/// Every value under a key named `key`, anywhere in `v`.
+fn values_of(v: &Value, key: &str, out: &mut Vec<Value>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                if k.as_str() == Some(key) {
+                    out.push(v.clone());
+                }
+                values_of(v, key, out);
+            }
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| values_of(v, key, out)),
+        _ => {}
+    }
+}
+
+fn help(sub: &[String]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(sub)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tandem {sub:?} --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Checks one container's arguments against the CLI; returns the port it listens on.
+fn check_args(args: &[String], origin: &str) -> Option<u16> {
+    let sub: Vec<String> = args
+        .iter()
+        .take_while(|a| !a.starts_with("--"))
+        .cloned()
+        .collect();
+    assert!(!sub.is_empty(), "{origin}: no subcommand in {args:?}");
+    let text = help(&sub);
+    let mut listen = None;
+    for (i, a) in args.iter().enumerate() {
+        if let Some(flag) = a.strip_prefix("--") {
+            assert!(
+                text.contains(&format!("--{flag} ")) || text.contains(&format!("--{flag}\n")),
+                "{origin}: `tandem {}` has no --{flag}",
+                sub.join(" ")
+            );
+            if flag == "listen" {
+                listen = args[i + 1].rsplit(':').next().and_then(|p| p.parse().ok());
+            }
+        }
+    }
+    listen
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_name_only_real_flags_and_consistent_ports() {
+    let dir = repo().join("deploy/k8s");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    let mut kinds = BTreeSet::new();
+    let mut listening = BTreeSet::new();
+    let mut referenced = BTreeSet::new();
+    for f in &files {
+        for doc in docs(f) {
+            if let Some(k) = doc["kind"].as_str() {
+                kinds.insert(k.to_string());
+            }
+            let mut lists = Vec::new();
+            arg_lists(&doc, &mut lists);
+            for args in lists {
+                let origin = f.display().to_string();
+                if let Some(port) = check_args(&args, &origin) {
+                    listening.insert(port);
+                    let mut ports = Vec::new();
+                    values_of(&doc, "containerPort", &mut ports);
+                    values_of(&doc, "port", &mut ports);
+                    values_of(&doc, "targetPort", &mut ports);
+                    for p in ports {
+                        assert_eq!(
+                            p.as_u64(),
+                            Some(port as u64),
+                            "{origin}: port {p:?} vs --listen {port}"
+                        );
+                    }
+                }
+                for a in &args {
+                    for url in a.split(',').filter(|u| u.starts_with("http://")) {
+                        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+                        referenced.insert(port);
+                    }
+                }
+            }
+        }
+    }
+    for k in [
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "CronJob",
+        "Job",
+        "PersistentVolumeClaim",
+    ] {
+        assert!(kinds.contains(k), "no {k} in deploy/k8s (have {kinds:?})");
+    }
+    assert_eq!(listening, BTreeSet::from([7101, 7201, 7301]));
+    assert!(
+        referenced.is_subset(&listening),
+        "{referenced:?} vs {listening:?}"
+    );
+}
+
+#[test]
+fn the_compose_file_parses_and_names_only_real_flags() {
+    let doc = &docs(&repo().join("docker-compose.yml"))[0];
+    let services = doc["services"].as_mapping().unwrap();
+    for name in [
+        "bootstrap",
+        "user-tower",
+        "ann-0",
+        "ann-1",
+        "ann-2",
+        "homefeed",
+        "retrainer",
+    ] {
+        assert!(services.contains_key(name), "compose has no {name}");
+    }
+    let mut lists = Vec::new();
+    arg_lists(doc, &mut lists);
+    for args in lists
+        .iter()
+        .filter(|a| a.first().is_some_and(|s| s != "CMD"))
+    {
+        check_args(args, "docker-compose.yml");
+    }
+}
