@@ -18,7 +18,7 @@ use tandem_types::{DataRange, ModelManifest, ModelVersion};
 use crate::canary::{self, CanaryReport, ProbeUser};
 use crate::candidate::{build_index, history_queries, max_norm_error, BuiltIndex};
 use crate::config::RetrainConfig;
-use crate::fleet::{Fleet, Step};
+use crate::fleet::Fleet;
 use crate::gate::{self, Decision, Evidence};
 use crate::history::{CycleRecord, History, Outcome};
 use crate::{now_unix, Result, RetrainError};
@@ -419,7 +419,7 @@ impl Retrainer {
                 return self.undo(rec, fleet, format!("canary failed: {why}")).await;
             }
         }
-        self.retain(fleet);
+        self.retain();
         let canary_note = if probe.is_some() {
             "canary held"
         } else {
@@ -462,7 +462,7 @@ impl Retrainer {
     }
 
     /// Retention after a deploy: the newest `keep_versions` plus every pinned version survive.
-    fn retain(&self, _fleet: &Fleet) {
+    fn retain(&self) {
         let reg = Registry::open(&self.opts.artifacts);
         let keep = self.cfg.rollout.keep_versions.max(2);
         let name = &self.opts.model;
@@ -533,6 +533,11 @@ pub fn holdout(window: &EventLog, fraction: f64) -> Result<Split> {
     })
 }
 
+/// The held-out users the gate scores: a seeded sample of at most `eval_users`.
+pub fn eval_set(window: &EventLog, split: &Split, cfg: &RetrainConfig) -> EvalSet {
+    EvalSet::new(window, split).sample(cfg.window.eval_users, cfg.train.seed)
+}
+
 /// Reads the window, trains, evaluates candidate and champion, builds the index and applies the
 /// gate. CPU-bound: runs on a blocking thread.
 fn prepare(
@@ -594,7 +599,7 @@ fn prepare(
     };
     let (model, report) = train(&input, &cfg.model, &cfg.train, false)?;
 
-    let set = EvalSet::new(&window, &split).sample(cfg.window.eval_users, cfg.train.seed);
+    let set = eval_set(&window, &split, cfg);
     let evaluate = |m: &TwoTower| -> Result<BTreeMap<String, f64>> {
         let ranker = ModelRanker {
             model: m,
@@ -668,9 +673,4 @@ fn shuffle_items(log: &mut EventLog, seed: u64) {
     for it in &mut log.item {
         *it = perm[*it as usize];
     }
-}
-
-/// Steps that changed a host (for reports).
-pub fn moved(steps: &[Step]) -> usize {
-    steps.iter().filter(|s| s.from != s.to).count()
 }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -154,21 +155,26 @@ impl History {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
         let mut line = Vec::new();
         // A line torn by a crash must not swallow this one: start on a fresh line.
-        if let Ok(bytes) = std::fs::read(&self.path) {
-            if bytes.last().is_some_and(|&b| b != b'\n') {
+        let len = f.metadata().map_err(io_err(&self.path))?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1)
+                .map_err(io_err(&self.path))?;
+            if last[0] != b'\n' {
                 line.push(b'\n');
             }
         }
         serde_json::to_writer(&mut line, r)
             .map_err(|e| crate::RetrainError::Invalid(e.to_string()))?;
         line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io_err(&self.path))?;
         f.write_all(&line).map_err(io_err(&self.path))?;
         f.sync_data().map_err(io_err(&self.path))?;
         Ok(())

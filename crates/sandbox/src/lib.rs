@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use tandem_ann::{AnnConfig, AnnHost};
 use tandem_data::synth::{generate, SynthConfig};
 use tandem_homefeed::{HomefeedConfig, Orchestrator};
-use tandem_index::artifact::{publish, IndexManifest};
-use tandem_index::{build, HnswParams};
+use tandem_index::HnswParams;
 use tandem_model::config::{ModelConfig, TrainConfig};
 use tandem_model::publish::publish_model;
 use tandem_model::train::{train, TrainInput};
@@ -26,6 +25,7 @@ use tandem_model::TwoTower;
 use tandem_proto::ann::v1 as ann;
 use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
 use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
+use tandem_retrain::candidate::{build_index, profile_queries};
 use tandem_types::{ModelManifest, ModelVersion};
 use tandem_usertower::{UserTower, UserTowerConfig};
 use tokio::net::TcpListener;
@@ -141,31 +141,13 @@ pub fn publish_version(root: &Path, seed: u64) {
         ..Default::default()
     };
     let published = publish_model(root, MODEL, None, &model, &meta).expect("publish model");
+    // Index what was published (the reloaded model), as `tandem index` does.
     let loaded = TwoTower::load(&published.dir).expect("reload");
-    let all = loaded.item.embed_all().expect("embed");
-    let n = all.dim(0).expect("rows");
-    let vectors: Vec<f32> = all
-        .narrow(0, 1, n - 1)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("vectors");
-    let items = loaded.item.items.ids[1..].to_vec();
-    let index = build(vectors, 16, &HnswParams::default()).expect("index");
-    let meta = IndexManifest {
-        versions: BTreeMap::from([(MODEL.to_string(), published.version)]),
-        index_id: format!("{MODEL}-{}", published.version),
-        model_name: MODEL.into(),
-        model_version: published.version,
-        item_count: items.len() as u64,
-        dim: 16,
-        params: HnswParams::default(),
-        build_seconds: 0.0,
-        ann_recall_at_10: 1.0,
-        recall_queries: 0,
-        recall_query_source: "harness".into(),
-        feature_schema_hash: String::new(),
-    };
-    publish(root, index.as_ref(), &items, &meta).expect("publish index");
+    let queries = profile_queries(&loaded, 200).expect("recall queries");
+    let built = build_index(&loaded, &HnswParams::default(), queries).expect("index");
+    built
+        .publish(root, MODEL, published.version, &meta.feature_schema_hash)
+        .expect("publish index");
 }
 
 type Bootstrap = Box<dyn FnOnce(&Path) + Send>;

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use tandem_data::synth::SynthConfig;
-use tandem_data::EventLog;
 use tandem_model::config::{ModelConfig, TrainConfig};
 use tandem_registry::{Registry, MODELS};
 use tandem_sandbox::scenario::{drift, publish_trained, seed_event_log};
@@ -66,15 +65,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         0.2,
     );
-    let mut all = EventLog::default();
-    for e in 0..d.seed.len() {
-        all.push(
-            d.seed.users.name(d.seed.user[e]),
-            d.seed.items.name(d.seed.item[e]),
-            d.seed.ts[e],
-            1.0,
-        );
-    }
+    let mut all = d.seed.clone();
     for f in &d.fresh {
         all.push(&f.user, &f.item, f.ts, 1.0);
     }

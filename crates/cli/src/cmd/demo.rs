@@ -17,9 +17,9 @@ use anyhow::{bail, Result};
 use tandem_data::synth::SynthConfig;
 use tandem_data::{EventColumns, EventLog};
 use tandem_model::config::{ModelConfig, TrainConfig};
-use tandem_model::eval::{metrics, EvalSet, ItemCosine, MostPopular, Recommender};
+use tandem_model::eval::{metrics, ItemCosine, MostPopular, Recommender};
 use tandem_proto::homefeed::v1 as pb;
-use tandem_retrain::cycle::{holdout, window};
+use tandem_retrain::cycle::{eval_set, holdout, window};
 use tandem_retrain::{CycleOptions, Fleet, Outcome, RetrainConfig, Retrainer};
 use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
 use tandem_sandbox::{SandboxBuilder, MODEL, TOKEN};
@@ -184,7 +184,7 @@ async fn demo(a: Args) -> Result<()> {
     let log = EventLog::read(&sb.events_dir(), &EventColumns::default())?;
     let win = window(&log, cfg.window.days);
     let split = holdout(&win, cfg.window.holdout_fraction)?;
-    let set = EvalSet::new(&win, &split).sample(cfg.window.eval_users, cfg.train.seed);
+    let set = eval_set(&win, &split, &cfg);
     let mut quality = BTreeMap::new();
     if let Some(v) = &rec.version {
         quality.insert(format!("{v} (retrained)"), rec.candidate_metrics.clone());
