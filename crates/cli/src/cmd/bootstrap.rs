@@ -1,6 +1,6 @@
 //! `tandem bootstrap`: prepares an empty artifact store for a cluster (the docker-compose
 //! one-shot): synthesises 14 days of drifting engagement ending now, writes all of it as the
-//! user tower's event log, and trains, indexes and publishes v1 on the older 80 % — so the first
+//! user tower's event log, and trains, indexes and publishes v1 on the older half — so the first
 //! `tandem retrain` has fresh events to learn from.
 
 use std::path::PathBuf;
@@ -63,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
             days: 14,
             ..Default::default()
         },
-        0.2,
+        0.5,
     );
     let mut all = d.seed.clone();
     for f in &d.fresh {

@@ -104,7 +104,9 @@ async fn demo(a: Args) -> Result<()> {
         "synthesising {} users, {} items, {} events over {} days ending now",
         synth.users, synth.items, synth.events, synth.days
     ));
-    let d = drift(&synth, 0.2);
+    // v1 learns from the first half; the second half, where interests and the catalogue have
+    // moved on, arrives live.
+    let d = drift(&synth, 0.5);
     let users: Vec<String> = d.seed.users.names().to_vec();
     let seeded = d.seed.len();
     let (mcfg, tcfg) = model_config();
