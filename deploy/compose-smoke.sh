@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export COMPOSE_PROJECT_NAME="tandem-smoke-$$"
 export TANDEM_HOMEFEED_PORT="${TANDEM_HOMEFEED_PORT:-17301}"
+export TANDEM_HOMEFEED_METRICS_PORT="${TANDEM_HOMEFEED_METRICS_PORT:-19301}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem-target}"
 if docker compose version >/dev/null 2>&1; then
   compose() { docker compose -f docker-compose.yml "$@"; }
@@ -46,11 +47,19 @@ traffic=$(mktemp)
     [ -f "$traffic.stop" ] && break
   done ) &
 driver=$!
+# The orchestrator's version-skew gauge, scraped through its published metrics port.
+skew=$(mktemp)
+( while [ ! -f "$traffic.stop" ]; do
+    curl -fsS "http://127.0.0.1:$TANDEM_HOMEFEED_METRICS_PORT/metrics" 2>/dev/null \
+      | grep '^tandem_homefeed_versions_live ' | awk '{print $2}' >> "$skew" || true
+    sleep 0.5
+  done ) &
+scraper=$!
 
 record=$(run retrain --once --events /artifacts/events --config /etc/tandem/retrain.toml \
   --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:7101 \
   --user-tower http://user-tower:7201 --homefeed http://homefeed:7301 --json)
-touch "$traffic.stop"; wait "$driver" || true
+touch "$traffic.stop"; wait "$driver" "$scraper" || true
 echo "$record" | grep -q '"outcome": "deployed"' || { echo "retrain did not deploy: $record"; exit 1; }
 say "retrain cycle deployed v2"
 
@@ -63,6 +72,11 @@ mixed=$(awk '{m=""; e=""; for (i=1;i<=NF;i++) { if ($i ~ /model_version/) m=$i; 
 v2=$(grep -c '"model_version":"v2"' "$traffic" || true)
 probes_mixed=$(echo "$record" | tr -d ' \n' | grep -o '"mismatched":[0-9]*' | grep -vc '"mismatched":0$' || true)
 rm -f "$traffic" "$traffic.stop"
+scrapes=$(wc -l < "$skew"); skewed=$(grep -c '^2$' "$skew" || true); rm -f "$skew"
+metrics=$(curl -fsS "http://127.0.0.1:$TANDEM_HOMEFEED_METRICS_PORT/metrics")
+echo "$metrics" | grep -q '^tandem_homefeed_hosts_per_version{version="v2"} 3$' || { echo "skew gauge after rollout: $(echo "$metrics" | grep hosts_per_version)"; exit 1; }
+say "metrics: $scrapes scrapes during the rollout, $skewed of them with 2 versions live; after it, 3 hosts on v2"
+[ "$skewed" -gt 0 ] || { echo "the version-skew gauge never showed the partial rollout"; exit 1; }
 say "client answers during the rollout: $answered ($v2 from v2), mismatched: $mixed; canary probes with mismatches: $probes_mixed"
 [ "$answered" -gt 0 ] && [ "$mixed" -eq 0 ] && [ "$probes_mixed" -eq 0 ] || { echo "mismatched answers"; exit 1; }
 echo "compose smoke passed: image ${t_image}s, cluster up ${t_up}s, total $(( $(date +%s) - t0 ))s"

@@ -11,6 +11,7 @@ use tandem_homefeed::{Pick, SyncMode};
 use tandem_proto::homefeed::v1 as pb;
 use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
 use tandem_sandbox::{load, rollback, wait_until, SandboxBuilder};
+use tandem_telemetry::catalogue;
 use tonic::transport::Channel;
 
 #[derive(Default)]
@@ -177,6 +178,17 @@ async fn a_host_flipping_between_handshake_and_search_is_retried_on_its_new_vers
         ("v2", "v2", 2)
     );
     assert_eq!(r.items.len(), 10);
+    // The race is visible in the orchestrator's metrics: one refusal, one repeated handshake.
+    let m = sb.orchestrator.metrics();
+    assert_eq!(
+        m.value(&catalogue::HF_VERSION_REFUSALS, &[("source", "ann")]),
+        Some(1.0)
+    );
+    assert_eq!(m.value(&catalogue::HF_HANDSHAKE_RETRIES, &[]), Some(1.0));
+    assert_eq!(
+        m.value(&catalogue::HF_ANSWERS, &[("version", "v2")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +223,12 @@ async fn a_host_on_a_version_the_user_tower_evicted_is_skipped() {
         tally.retried.load(Ordering::SeqCst) > 0,
         "round-robin sends half the requests to the v1 host first"
     );
+    let m = sb.orchestrator.metrics();
+    let refused = m
+        .value(&catalogue::HF_VERSION_REFUSALS, &[("source", "user_tower")])
+        .unwrap_or(0.0);
+    assert!(refused > 0.0, "the user tower's refusals are counted");
+    assert_eq!(m.value(&catalogue::HF_FAILOVERS, &[]), Some(refused));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,12 +176,19 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
     let sb = cluster().await;
     let stop = Arc::new(AtomicBool::new(false));
     let (t, tasks) = traffic(&sb, stop.clone());
-    let rec = retrainer(&sb, config(), None).run_cycle().await;
+    let deployer = retrainer(&sb, config(), None);
+    let rec = deployer.run_cycle().await;
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         task.await.unwrap();
     }
     assert_eq!(rec.outcome, Outcome::Deployed, "{}", explain(&rec));
+    let scraped = deployer.metrics().render();
+    assert!(
+        scraped.contains("tandem_retrain_cycles_total{outcome=\"deployed\"} 1\n")
+            && scraped.contains("tandem_retrain_serving_version 2\n"),
+        "{scraped}"
+    );
     assert_eq!(rec.version.as_deref(), Some("v2"));
     assert_eq!(host_versions(&sb).await, ["v2", "v2", "v2"]);
     assert!(rec.gate.iter().all(|d| d.passed));
@@ -206,6 +213,10 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
     assert_eq!(r.history().cycles().unwrap().len(), 1);
     let again = r.run_cycle().await;
     assert_eq!(again.outcome, Outcome::Skipped, "{}", explain(&again));
+    assert!(r
+        .metrics()
+        .render()
+        .contains("tandem_retrain_cycles_total{outcome=\"skipped\"} 1\n"));
     assert_eq!(again.champion.as_deref(), Some("v2"));
 }
 

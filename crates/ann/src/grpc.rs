@@ -6,6 +6,7 @@ use tandem_proto::ann::v1 as pb;
 use tandem_proto::ann::v1::ann_search_server::{AnnSearch, AnnSearchServer};
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
+use tracing::{field, Instrument};
 
 use crate::host::{AnnError, AnnHost, Metadata, SearchRequest};
 
@@ -89,6 +90,13 @@ impl AnnSearch for AnnGrpc {
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::info_span!(
+            "ann.search",
+            tandem.model_version = %r.model_version,
+            tandem.k = r.k,
+            tandem.served_version = field::Empty,
+            tandem.results = field::Empty,
+        );
         let res = self
             .host
             .search(SearchRequest {
@@ -99,7 +107,10 @@ impl AnnSearch for AnnGrpc {
                 ef: r.ef,
                 allow_version_mismatch: r.allow_version_mismatch,
             })
+            .instrument(span.clone())
             .await?;
+        span.record("tandem.served_version", res.model_version.to_string());
+        span.record("tandem.results", res.items.len());
         Ok(Response::new(pb::SearchResponse {
             items: res
                 .items

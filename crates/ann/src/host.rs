@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_index::artifact::{index_dir, LoadedIndex};
 use tandem_index::IndexError;
+use tandem_telemetry::{catalogue as m, Registry};
 use tandem_types::ModelVersion;
 
 #[derive(Debug, Clone)]
@@ -108,6 +109,7 @@ pub struct AnnHost {
     history: std::sync::Mutex<Vec<ModelVersion>>,
     /// Serialises loads so two LoadVersion calls cannot interleave their swaps.
     loading: tokio::sync::Mutex<()>,
+    metrics: Arc<Registry>,
 }
 
 fn now_ms() -> i64 {
@@ -119,12 +121,21 @@ fn now_ms() -> i64 {
 
 impl AnnHost {
     pub fn new(cfg: AnnConfig) -> Self {
+        let metrics = Registry::new();
+        metrics.register(&[m::ANN_SWAPS, m::ANN_SWAP_DURATION, m::ANN_VERSION_REFUSALS]);
+        metrics.set(&m::ANN_SERVING_VERSION, &[("model", &cfg.model)], 0.0);
         AnnHost {
             cfg,
             current: RwLock::new(None),
             history: std::sync::Mutex::new(Vec::new()),
             loading: tokio::sync::Mutex::new(()),
+            metrics,
         }
+    }
+
+    /// This host's metrics (the `/metrics` endpoint renders them).
+    pub fn metrics(&self) -> &Arc<Registry> {
+        &self.metrics
     }
 
     pub fn config(&self) -> &AnnConfig {
@@ -172,7 +183,7 @@ impl AnnHost {
         if previous == Some(version) {
             return Ok(previous);
         }
-        self.swap_in(version).await?;
+        self.timed_swap("load", version).await?;
         if let Some(p) = previous {
             self.history.lock().expect("lock poisoned").push(p);
         }
@@ -190,9 +201,31 @@ impl AnnHost {
             .copied()
             .ok_or(AnnError::NoPrevious)?;
         let replaced = self.serving().map(|s| s.version);
-        self.swap_in(target).await?;
+        self.timed_swap("rollback", target).await?;
         self.history.lock().expect("lock poisoned").pop();
         Ok((target, replaced))
+    }
+
+    /// [`Self::swap_in`], counted and timed by kind and result.
+    async fn timed_swap(&self, kind: &'static str, version: ModelVersion) -> Result<(), AnnError> {
+        let start = std::time::Instant::now();
+        let out = self.swap_in(version).await;
+        let result = if out.is_ok() { "ok" } else { "error" };
+        let labels = [("kind", kind), ("result", result)];
+        self.metrics.inc(&m::ANN_SWAPS, &labels);
+        self.metrics.observe(
+            &m::ANN_SWAP_DURATION,
+            &labels,
+            start.elapsed().as_secs_f64(),
+        );
+        if let Some(s) = self.serving() {
+            let model = [("model", self.cfg.model.as_str())];
+            self.metrics
+                .set(&m::ANN_SERVING_VERSION, &model, s.version.0 as f64);
+            self.metrics
+                .set(&m::ANN_INDEX_ITEMS, &model, s.index.items.len() as f64);
+        }
+        out
     }
 
     async fn swap_in(&self, version: ModelVersion) -> Result<(), AnnError> {
@@ -265,6 +298,7 @@ impl AnnHost {
         let mismatch = (!req.model_name.is_empty() && req.model_name != meta.model_name)
             || requested != Some(serving.version);
         if mismatch && !req.allow_version_mismatch {
+            self.metrics.inc(&m::ANN_VERSION_REFUSALS, &[]);
             return Err(AnnError::VersionMismatch {
                 requested_model: if req.model_name.is_empty() {
                     meta.model_name.clone()

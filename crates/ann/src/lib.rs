@@ -45,7 +45,12 @@ pub async fn serve(
     });
 
     let svc = AnnSearchServer::new(adapter).max_decoding_message_size(16 << 20);
+    let metrics = host.metrics().clone();
     tonic::transport::Server::builder()
+        .layer(tandem_telemetry::RpcLayer::new(
+            tandem_telemetry::Service::Ann,
+            metrics,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)

@@ -97,13 +97,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let service = match &cli.command {
+        Command::Serve(cmd::serve::Serve::Ann(_)) => "tandem-ann",
+        Command::Serve(cmd::serve::Serve::UserTower(_)) => "tandem-user-tower",
+        Command::Serve(cmd::serve::Serve::Homefeed(_)) => "tandem-homefeed",
+        Command::Retrain(_) => "tandem-retrain",
+        _ => "tandem",
+    };
+    // Flushes unsent spans when dropped, after the command has returned.
+    let _telemetry = match tandem_telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bootstrap(a) => cmd::bootstrap::run(a),

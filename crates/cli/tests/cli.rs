@@ -739,3 +739,437 @@ fn retrain_once_publishes_then_skips_and_history_reports_and_plots_it() {
         "duration",
     );
 }
+
+/// A `tandem serve …` child with extra environment; returns it, its gRPC address and, when it
+/// was started with `--metrics-listen`, its metrics address (its second stderr line).
+fn spawn_service(args: &[&str], env: &[(&str, &str)]) -> (Server, String, Option<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let metrics = args.contains(&"--metrics-listen").then(|| {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("metrics on "), "{line}");
+        line.trim().trim_start_matches("metrics on ").to_string()
+    });
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (Server(child), addr, metrics)
+}
+
+/// `GET url` over a plain socket (the metrics endpoint speaks HTTP/1.1).
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one sample in a Prometheus exposition (`name{labels}` exactly as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+
+    /// One received span, flattened.
+    #[derive(Debug, Clone)]
+    pub struct Span {
+        pub service: String,
+        pub name: String,
+        pub trace_id: Vec<u8>,
+        pub span_id: Vec<u8>,
+        pub parent_span_id: Vec<u8>,
+        pub attributes: Vec<(String, String)>,
+    }
+
+    impl Span {
+        pub fn attr(&self, key: &str) -> Option<&str> {
+            self.attributes
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    fn text(kv: &KeyValue) -> String {
+        match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// An in-process OTLP/gRPC trace receiver.
+    #[derive(Clone, Default)]
+    pub struct Receiver(pub Arc<Mutex<Vec<Span>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut out = self.0.lock().unwrap();
+            for rs in req.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "service.name")
+                    .map(text)
+                    .unwrap_or_default();
+                for s in rs.scope_spans.into_iter().flat_map(|ss| ss.spans) {
+                    out.push(Span {
+                        service: service.clone(),
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent_span_id: s.parent_span_id,
+                        attributes: s
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), text(kv)))
+                            .collect(),
+                    });
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Starts the receiver on a runtime of its own; returns its URL.
+    pub fn start(rt: &tokio::runtime::Runtime, receiver: Receiver) -> String {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(receiver))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[test]
+fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    let events = data.join("events.csv");
+    let artifacts = dir.path().join("a");
+    for seed in ["1", "2"] {
+        let mut args = vec![
+            "train",
+            "--events",
+            p(&events),
+            "--out",
+            p(&artifacts),
+            "--protocol",
+            "none",
+            "--seed",
+            seed,
+        ];
+        args.extend_from_slice(SMALL);
+        ok(&args);
+    }
+    for v in ["v1", "v2"] {
+        let model = artifacts.join("models/tandem").join(v);
+        ok(&["index", "--model", p(&model), "--out", p(&artifacts)]);
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiver = otlp::Receiver::default();
+    let collector = otlp::start(&rt, receiver.clone());
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let log = dir.path().join("log");
+    let (_ut, ut_addr, ut_metrics) = spawn_service(
+        &[
+            "serve",
+            "user-tower",
+            "--artifacts",
+            p(&artifacts),
+            "--listen",
+            "127.0.0.1:0",
+            "--event-log",
+            p(&log),
+            "--poll-ms",
+            "50",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        hosts.push(spawn_service(
+            &[
+                "serve",
+                "ann",
+                "--artifacts",
+                p(&artifacts),
+                "--version",
+                "v1",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-token",
+                "t",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            &env,
+        ));
+    }
+    let host_list = format!("{},{}", hosts[0].1, hosts[1].1);
+    let (_hf, hf_addr, hf_metrics) = spawn_service(
+        &[
+            "serve",
+            "homefeed",
+            "--ann-hosts",
+            &host_list,
+            "--user-tower",
+            &ut_addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    let (ut_metrics, hf_metrics) = (ut_metrics.unwrap(), hf_metrics.unwrap());
+    let ann_metrics: Vec<String> = hosts.iter().map(|h| h.2.clone().unwrap()).collect();
+    let fleet = [
+        "--hosts",
+        &host_list,
+        "--user-tower",
+        &ut_addr,
+        "--artifacts",
+        p(&artifacts),
+        "--json",
+    ];
+    let mut status = vec!["status"];
+    status.extend_from_slice(&fleet);
+    poll_json(&status, |v| {
+        v["hosts_per_version"]["v1"] == 2
+            && v["user_tower"]["versions"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+    });
+
+    // Exactly one GetCandidates: its trace must hold spans from all three processes.
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "call",
+        "homefeed",
+        "candidates",
+        "--addr",
+        &hf_addr,
+        "--user",
+        "u1",
+        "--k",
+        "7",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(out["model_version"], "v1");
+    let find = |spans: &[otlp::Span], service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .cloned()
+    };
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = receiver.0.lock().unwrap().clone();
+        let root = find(
+            &spans,
+            "tandem-homefeed",
+            "tandem.homefeed.v1.Homefeed/GetCandidates",
+        );
+        if let Some(root) = root {
+            let same: Vec<otlp::Span> = spans
+                .iter()
+                .filter(|s| s.trace_id == root.trace_id)
+                .cloned()
+                .collect();
+            if find(&same, "tandem-ann", "tandem.ann.v1.AnnSearch/Search").is_some()
+                && find(
+                    &same,
+                    "tandem-user-tower",
+                    "tandem.usertower.v1.UserTower/Embed",
+                )
+                .is_some()
+            {
+                spans = same;
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let services: std::collections::BTreeSet<&str> =
+        spans.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        ["tandem-ann", "tandem-homefeed", "tandem-user-tower"].into(),
+        "one trace, three services: {spans:#?}"
+    );
+    let get = find(&spans, "tandem-homefeed", "homefeed.get_candidates").unwrap();
+    assert_eq!(get.attr("tandem.model_version"), Some("v1"));
+    assert_eq!(get.attr("tandem.k"), Some("7"));
+    assert_eq!(get.attr("tandem.results"), Some("7"));
+    let answered_by = get.attr("tandem.ann_host").unwrap().to_string();
+    assert!(hosts.iter().any(|h| h.1 == answered_by), "{answered_by}");
+    // The ANN host's server span is the child of the orchestrator's client span for Search:
+    // the context crossed the process boundary in the request metadata.
+    let client = find(&spans, "tandem-homefeed", "tandem.ann.v1.AnnSearch/Search").unwrap();
+    let server = find(&spans, "tandem-ann", "tandem.ann.v1.AnnSearch/Search").unwrap();
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(client.attr("tandem.peer"), Some(answered_by.as_str()));
+    let search = find(&spans, "tandem-ann", "ann.search").unwrap();
+    assert_eq!(search.attr("tandem.model_version"), Some("v1"));
+    assert_eq!(search.attr("tandem.results"), Some("7"));
+    let embed = find(
+        &spans,
+        "tandem-user-tower",
+        "tandem.usertower.v1.UserTower/Embed",
+    )
+    .unwrap();
+    let embed_client = find(
+        &spans,
+        "tandem-homefeed",
+        "tandem.usertower.v1.UserTower/Embed",
+    )
+    .unwrap();
+    assert_eq!(embed.parent_span_id, embed_client.span_id);
+
+    // Metrics during a rollout: every service's endpoint, before, halfway and after.
+    let hf = http_get(&hf_metrics);
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
+        Some(2.0)
+    );
+    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(1.0));
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_answers_total{version=\"v1\"}"),
+        Some(1.0)
+    );
+    assert!(hf.contains("tandem_rpc_duration_seconds_bucket{service=\"homefeed\",rpc=\"/tandem.homefeed.v1.Homefeed/GetCandidates\",code=\"OK\",le=\"+Inf\"} 1"), "{hf}");
+    let ut = http_get(&ut_metrics);
+    assert_eq!(
+        sample(&ut, "tandem_usertower_versions_loaded{version=\"v1\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&ut, "tandem_usertower_versions_loaded{version=\"v2\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&ut, "tandem_usertower_embeddings_total{version=\"v1\"}"),
+        Some(1.0)
+    );
+
+    let roll = |host: &str| {
+        ok(&[
+            "rollout",
+            "--to",
+            "v2",
+            "--admin-token",
+            "t",
+            "--hosts",
+            host,
+            "--user-tower",
+            &ut_addr,
+            "--artifacts",
+            p(&artifacts),
+            "--json",
+        ])
+    };
+    roll(&hosts[0].1);
+    let hf = http_get(&hf_metrics);
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
+        Some(1.0),
+        "{hf}"
+    );
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v2\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(2.0));
+    let a0 = http_get(&ann_metrics[0]);
+    assert_eq!(
+        sample(&a0, "tandem_ann_serving_version{model=\"tandem\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&a0, "tandem_ann_swaps_total{kind=\"load\",result=\"ok\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &a0,
+            "tandem_ann_swap_duration_seconds_count{kind=\"load\",result=\"ok\"}"
+        ),
+        Some(2.0)
+    );
+    let a1 = http_get(&ann_metrics[1]);
+    assert_eq!(
+        sample(&a1, "tandem_ann_serving_version{model=\"tandem\"}"),
+        Some(1.0)
+    );
+
+    roll(&hosts[1].1);
+    let hf = http_get(&hf_metrics);
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
+        None,
+        "{hf}"
+    );
+    assert_eq!(
+        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v2\"}"),
+        Some(2.0)
+    );
+    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(1.0));
+    let a1 = http_get(&ann_metrics[1]);
+    assert_eq!(
+        sample(&a1, "tandem_ann_serving_version{model=\"tandem\"}"),
+        Some(2.0)
+    );
+    drop(hosts);
+}

@@ -69,8 +69,15 @@ fn help(sub: &[String]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Checks one container's arguments against the CLI; returns the port it listens on.
-fn check_args(args: &[String], origin: &str) -> Option<u16> {
+/// The ports one container's arguments name: `--listen` (gRPC) and `--metrics-listen`.
+#[derive(Default)]
+struct Listens {
+    grpc: Option<u16>,
+    metrics: Option<u16>,
+}
+
+/// Checks one container's arguments against the CLI; returns the ports it listens on.
+fn check_args(args: &[String], origin: &str) -> Listens {
     let sub: Vec<String> = args
         .iter()
         .take_while(|a| !a.starts_with("--"))
@@ -78,7 +85,7 @@ fn check_args(args: &[String], origin: &str) -> Option<u16> {
         .collect();
     assert!(!sub.is_empty(), "{origin}: no subcommand in {args:?}");
     let text = help(&sub);
-    let mut listen = None;
+    let mut listen = Listens::default();
     for (i, a) in args.iter().enumerate() {
         if let Some(flag) = a.strip_prefix("--") {
             assert!(
@@ -86,8 +93,11 @@ fn check_args(args: &[String], origin: &str) -> Option<u16> {
                 "{origin}: `tandem {}` has no --{flag}",
                 sub.join(" ")
             );
-            if flag == "listen" {
-                listen = args[i + 1].rsplit(':').next().and_then(|p| p.parse().ok());
+            let port = || args[i + 1].rsplit(':').next().and_then(|p| p.parse().ok());
+            match flag {
+                "listen" => listen.grpc = port(),
+                "metrics-listen" => listen.metrics = port(),
+                _ => {}
             }
         }
     }
@@ -107,6 +117,7 @@ fn kubernetes_manifests_parse_and_name_only_real_flags_and_consistent_ports() {
     let mut kinds = BTreeSet::new();
     let mut listening = BTreeSet::new();
     let mut referenced = BTreeSet::new();
+    let mut metrics = BTreeSet::new();
     for f in &files {
         for doc in docs(f) {
             if let Some(k) = doc["kind"].as_str() {
@@ -116,19 +127,21 @@ fn kubernetes_manifests_parse_and_name_only_real_flags_and_consistent_ports() {
             arg_lists(&doc, &mut lists);
             for args in lists {
                 let origin = f.display().to_string();
-                if let Some(port) = check_args(&args, &origin) {
+                let listens = check_args(&args, &origin);
+                if let Some(port) = listens.grpc {
                     listening.insert(port);
                     let mut ports = Vec::new();
                     values_of(&doc, "containerPort", &mut ports);
                     values_of(&doc, "port", &mut ports);
                     values_of(&doc, "targetPort", &mut ports);
-                    for p in ports {
-                        assert_eq!(
-                            p.as_u64(),
-                            Some(port as u64),
-                            "{origin}: port {p:?} vs --listen {port}"
-                        );
-                    }
+                    let declared: BTreeSet<u64> = ports.iter().filter_map(|p| p.as_u64()).collect();
+                    let mut wanted = BTreeSet::from([port as u64]);
+                    wanted.extend(listens.metrics.map(u64::from));
+                    assert_eq!(
+                        declared, wanted,
+                        "{origin}: declared ports vs --listen/--metrics-listen"
+                    );
+                    metrics.extend(listens.metrics);
                 }
                 for a in &args {
                     for url in a.split(',').filter(|u| u.starts_with("http://")) {
@@ -151,6 +164,11 @@ fn kubernetes_manifests_parse_and_name_only_real_flags_and_consistent_ports() {
         assert!(kinds.contains(k), "no {k} in deploy/k8s (have {kinds:?})");
     }
     assert_eq!(listening, BTreeSet::from([7101, 7201, 7301]));
+    assert_eq!(
+        metrics,
+        BTreeSet::from([9101, 9201, 9301]),
+        "every service exposes its metrics"
+    );
     assert!(
         referenced.is_subset(&listening),
         "{referenced:?} vs {listening:?}"
@@ -179,5 +197,17 @@ fn the_compose_file_parses_and_names_only_real_flags() {
         .filter(|a| a.first().is_some_and(|s| s != "CMD"))
     {
         check_args(args, "docker-compose.yml");
+    }
+}
+
+#[test]
+fn every_exported_metric_is_documented_in_the_readme() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for m in tandem_telemetry::catalogue::ALL {
+        assert!(
+            readme.contains(&format!("| `{}` |", m.name)),
+            "README's metrics table lacks {}",
+            m.name
+        );
     }
 }

@@ -86,7 +86,23 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor set is valid");
+    // The skew gauges are read at scrape time. A weak reference: the registry must not keep
+    // the orchestrator alive.
+    let weak = Arc::downgrade(&core);
+    core.metrics().on_scrape(Arc::new(move || {
+        let weak = weak.clone();
+        Box::pin(async move {
+            if let Some(core) = weak.upgrade() {
+                core.observe_hosts().await;
+            }
+        })
+    }));
+    let metrics = core.metrics().clone();
     tonic::transport::Server::builder()
+        .layer(tandem_telemetry::RpcLayer::new(
+            tandem_telemetry::Service::Homefeed,
+            metrics,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(HomefeedServer::new(HomefeedGrpc { core }))

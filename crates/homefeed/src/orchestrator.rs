@@ -9,8 +9,10 @@ use tandem_proto::ann::v1 as ann;
 use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
 use tandem_proto::usertower::v1 as ut;
 use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
+use tandem_telemetry::{catalogue as m, Registry};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+use tracing::{field, Instrument};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
@@ -132,6 +134,28 @@ pub struct Orchestrator {
     user_tower: UserTowerClient<Channel>,
     next: AtomicUsize,
     newest: Mutex<Option<(String, Instant)>>,
+    metrics: Arc<Registry>,
+}
+
+/// A client span for one outgoing RPC, with the trace context injected into the request.
+fn client_span<T>(name: &'static str, host: &str, req: &mut tonic::Request<T>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc.client",
+        otel.name = name,
+        otel.kind = "client",
+        rpc.system = "grpc",
+        tandem.peer = %host,
+        otel.status_code = field::Empty,
+    );
+    tandem_telemetry::rpc::inject(&span, req);
+    span
+}
+
+/// Marks a client span failed when its call failed.
+fn mark<R>(span: &tracing::Span, r: &Result<R, tonic::Status>) {
+    if r.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 fn channel(url: &str) -> Result<Channel, HomefeedError> {
@@ -173,13 +197,60 @@ impl Orchestrator {
             })
             .collect::<Result<Vec<_>, HomefeedError>>()?;
         let user_tower = UserTowerClient::new(channel(&cfg.user_tower)?);
+        let metrics = Registry::new();
+        metrics.register(&[
+            m::HF_HOSTS_PER_VERSION,
+            m::HF_VERSIONS_LIVE,
+            m::HF_HOSTS_UNREACHABLE,
+            m::HF_ANSWERS,
+            m::HF_HANDSHAKE_RETRIES,
+            m::HF_VERSION_REFUSALS,
+            m::HF_FAILOVERS,
+        ]);
         Ok(Orchestrator {
             cfg,
             hosts,
             user_tower,
             next: AtomicUsize::new(0),
             newest: Mutex::new(None),
+            metrics,
         })
+    }
+
+    /// The orchestrator's metrics (the `/metrics` endpoint renders them).
+    pub fn metrics(&self) -> &Arc<Registry> {
+        &self.metrics
+    }
+
+    /// Each host's served version (`None`: unreachable), asked afresh (the answer also
+    /// refreshes the handshake's cache), and the version-skew gauges set from it. Run at every
+    /// scrape, so the gauges are current with or without traffic.
+    pub async fn observe_hosts(&self) -> Vec<(String, Option<String>)> {
+        let deadline = Instant::now() + self.cfg.rpc_timeout;
+        let mut seen = Vec::with_capacity(self.hosts.len());
+        // One at a time keeps this simple; a dead host costs at most one connect timeout.
+        for host in &self.hosts {
+            let v = self.fetch_version(host, deadline).await.ok();
+            seen.push((host.url.clone(), v));
+        }
+        let mut per: std::collections::BTreeMap<&str, f64> = Default::default();
+        for (_, v) in &seen {
+            if let Some(v) = v {
+                *per.entry(v.as_str()).or_default() += 1.0;
+            }
+        }
+        let unreachable = seen.iter().filter(|(_, v)| v.is_none()).count();
+        self.metrics
+            .set(&m::HF_VERSIONS_LIVE, &[], per.len() as f64);
+        self.metrics
+            .set(&m::HF_HOSTS_UNREACHABLE, &[], unreachable as f64);
+        self.metrics.replace(
+            &m::HF_HOSTS_PER_VERSION,
+            per.iter()
+                .map(|(v, n)| (vec![("version", v.to_string())], *n))
+                .collect(),
+        );
+        seen
     }
 
     /// Host indices in the order to try them for this request.
@@ -218,22 +289,34 @@ impl Orchestrator {
                 return Ok(v);
             }
         }
+        self.fetch_version(host, deadline).await
+    }
+
+    /// The host's served version, asked now; the cache is updated with the answer.
+    async fn fetch_version(&self, host: &Host, deadline: Instant) -> Result<String, tonic::Status> {
         let mut req = tonic::Request::new(ann::GetVersionMetadataRequest {});
         req.set_timeout(
             self.remaining(deadline)
                 .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
         );
-        let m = host
+        let span = client_span(
+            "tandem.ann.v1.AnnSearch/GetVersionMetadata",
+            &host.url,
+            &mut req,
+        );
+        let r = host
             .client
             .clone()
             .get_version_metadata(req)
-            .await?
-            .into_inner();
-        let v = m
+            .instrument(span.clone())
+            .await;
+        mark(&span, &r);
+        let meta = r?.into_inner();
+        let v = meta
             .versions
             .get(&self.cfg.model)
             .cloned()
-            .unwrap_or(m.model_version);
+            .unwrap_or(meta.model_version);
         *host.cached.lock().expect("lock poisoned") = Some((v.clone(), Instant::now()));
         Ok(v)
     }
@@ -250,10 +333,16 @@ impl Orchestrator {
         }
         let mut req = tonic::Request::new(ut::ListVersionsRequest {});
         req.set_timeout(self.remaining(deadline)?);
+        let span = client_span(
+            "tandem.usertower.v1.UserTower/ListVersions",
+            &self.cfg.user_tower,
+            &mut req,
+        );
         let list = self
             .user_tower
             .clone()
             .list_versions(req)
+            .instrument(span)
             .await
             .map_err(|s| HomefeedError::UserTower(s.message().to_string()))?
             .into_inner();
@@ -283,7 +372,19 @@ impl Orchestrator {
             self.remaining(deadline)
                 .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
         );
-        Ok(self.user_tower.clone().embed(req).await?.into_inner())
+        let span = client_span(
+            "tandem.usertower.v1.UserTower/Embed",
+            &self.cfg.user_tower,
+            &mut req,
+        );
+        let r = self
+            .user_tower
+            .clone()
+            .embed(req)
+            .instrument(span.clone())
+            .await;
+        mark(&span, &r);
+        Ok(r?.into_inner())
     }
 
     pub async fn get_candidates(
@@ -301,6 +402,35 @@ impl Orchestrator {
                 self.cfg.max_k
             )));
         }
+        let span = tracing::info_span!(
+            "homefeed.get_candidates",
+            tandem.k = k,
+            tandem.model_version = field::Empty,
+            tandem.ann_host = field::Empty,
+            tandem.results = field::Empty,
+            tandem.attempts = field::Empty,
+        );
+        let out = self
+            .pick_and_ask(user, k, exclude_seen)
+            .instrument(span.clone())
+            .await;
+        if let Ok(c) = &out {
+            span.record("tandem.model_version", c.index_version.as_str());
+            span.record("tandem.ann_host", c.host.as_str());
+            span.record("tandem.results", c.items.len());
+            span.record("tandem.attempts", c.attempts);
+            self.metrics
+                .inc(&m::HF_ANSWERS, &[("version", c.index_version.as_str())]);
+        }
+        out
+    }
+
+    async fn pick_and_ask(
+        &self,
+        user: &str,
+        k: i32,
+        exclude_seen: bool,
+    ) -> Result<Candidates, HomefeedError> {
         let deadline = Instant::now() + self.cfg.deadline;
         let mut reasons = Vec::new();
         let mut attempts = 0u32;
@@ -316,6 +446,7 @@ impl Orchestrator {
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::NextHost(why)) => {
                     tracing::debug!(host = %host.url, reason = %why, "trying another host");
+                    self.metrics.inc(&m::HF_FAILOVERS, &[]);
                     reasons.push(format!("{}: {why}", host.url));
                 }
             }
@@ -367,9 +498,11 @@ impl Orchestrator {
                 // The user tower no longer (or not yet) holds this host's version: another host
                 // may serve one it has.
                 Err(s) if s.code() == Code::NotFound => {
+                    self.metrics
+                        .inc(&m::HF_VERSION_REFUSALS, &[("source", "user_tower")]);
                     return Err(Attempt::NextHost(format!(
                         "user tower lacks {embed_version}"
-                    )))
+                    )));
                 }
                 Err(s) if s.code() == Code::InvalidArgument => {
                     return Err(Attempt::Fatal(HomefeedError::InvalidArgument(
@@ -400,7 +533,15 @@ impl Orchestrator {
                 allow_version_mismatch: allow_mismatch,
             });
             req.set_timeout(self.remaining(deadline).map_err(Attempt::Fatal)?);
-            match host.client.clone().search(req).await {
+            let span = client_span("tandem.ann.v1.AnnSearch/Search", &host.url, &mut req);
+            let searched = host
+                .client
+                .clone()
+                .search(req)
+                .instrument(span.clone())
+                .await;
+            mark(&span, &searched);
+            match searched {
                 Ok(r) => {
                     let r = r.into_inner();
                     // Belt and braces: in sync mode the host already refused any other version.
@@ -429,6 +570,11 @@ impl Orchestrator {
                 }
                 Err(s) if s.code() == Code::FailedPrecondition => {
                     Self::invalidate(host);
+                    self.metrics
+                        .inc(&m::HF_VERSION_REFUSALS, &[("source", "ann")]);
+                    if round == 0 {
+                        self.metrics.inc(&m::HF_HANDSHAKE_RETRIES, &[]);
+                    }
                     if round == 1 {
                         return Err(Attempt::NextHost(format!("refused twice: {}", s.message())));
                     }

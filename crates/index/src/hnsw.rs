@@ -203,9 +203,11 @@ impl Builder<'_> {
     fn insert(&self, v: u32, visited: &mut Visited) {
         let level = self.levels[v as usize] as usize;
         // A node above the current top level serialises with other such nodes (rare: about
-        // one in M per level).
-        let _grow = (level > self.top.read().expect("lock poisoned").1)
-            .then(|| self.grow.lock().expect("lock poisoned"));
+        // one in M per level). The read guard must be gone before `grow` is taken: a temporary
+        // in the same statement would live until its end, and a thread holding `grow` while
+        // waiting to write `top` would then wait for us forever (seen: a deadlocked build).
+        let above_top = level > self.top.read().expect("lock poisoned").1;
+        let _grow = above_top.then(|| self.grow.lock().expect("lock poisoned"));
         let (entry, max_level) = *self.top.read().expect("lock poisoned");
         let q = self.vec(v);
         let mut ep = vec![Cand {

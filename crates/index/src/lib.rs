@@ -244,6 +244,31 @@ pub fn synthetic_embeddings(
 mod tests {
     use super::*;
 
+    /// Regression: a build could deadlock when two nodes raised the top level at once (one held
+    /// the read guard of `top` while queueing for `grow`; the other held `grow` while waiting to
+    /// write `top`). M = 2 makes about half the nodes climb above layer 0, so top-level raises
+    /// race constantly on a 4-thread pool; a deadlock would hang this test.
+    #[test]
+    fn parallel_builds_with_many_top_level_raises_finish() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for seed in 0..300 {
+                let data = synthetic_vectors(64, 8, 4, 0.5, seed);
+                let params = HnswParams {
+                    m: 2,
+                    ef_construction: 8,
+                    seed,
+                    ..HnswParams::default()
+                };
+                let index = build(data, 8, &params).unwrap();
+                assert_eq!(index.len(), 64);
+            }
+        });
+    }
+
     #[test]
     fn hnsw_recall_against_brute_force_on_a_small_index() {
         let seed = 17;

@@ -13,6 +13,7 @@ use tandem_model::publish::{feature_schema_hash, publish_model};
 use tandem_model::train::{train, TrainInput};
 use tandem_model::TwoTower;
 use tandem_registry::{Registry, MODELS};
+use tandem_telemetry::catalogue as m;
 use tandem_types::{DataRange, ModelManifest, ModelVersion};
 
 use crate::canary::{self, CanaryReport, ProbeUser};
@@ -84,6 +85,7 @@ pub struct Retrainer {
     opts: CycleOptions,
     cfg: RetrainConfig,
     history: History,
+    metrics: Arc<tandem_telemetry::Registry>,
 }
 
 /// Everything the CPU-bound part of a cycle produces.
@@ -110,7 +112,23 @@ enum Prep {
 impl Retrainer {
     pub fn new(opts: CycleOptions, cfg: RetrainConfig) -> Self {
         let history = History::for_model(&opts.artifacts, &opts.model);
-        Retrainer { opts, cfg, history }
+        let metrics = tandem_telemetry::Registry::new();
+        metrics.register(&[
+            m::RETRAIN_CYCLES,
+            m::RETRAIN_LAST_CYCLE,
+            m::RETRAIN_SERVING_VERSION,
+        ]);
+        Retrainer {
+            opts,
+            cfg,
+            history,
+            metrics,
+        }
+    }
+
+    /// Cycle outcomes and the serving version (the `/metrics` endpoint renders them).
+    pub fn metrics(&self) -> &Arc<tandem_telemetry::Registry> {
+        &self.metrics
     }
 
     pub fn history(&self) -> &History {
@@ -183,6 +201,23 @@ impl Retrainer {
 
     /// Runs one cycle to its end and records it. Never returns an error: failures are outcomes.
     pub async fn run_cycle(&self) -> CycleRecord {
+        let rec = self.run_to_end().await;
+        let outcome = [("outcome", rec.outcome.as_str())];
+        self.metrics.inc(&m::RETRAIN_CYCLES, &outcome);
+        self.metrics
+            .set(&m::RETRAIN_LAST_CYCLE, &outcome, now_unix() as f64);
+        let serving = match rec.outcome {
+            Outcome::Deployed => rec.version.as_deref(),
+            _ => rec.champion.as_deref(),
+        };
+        if let Some(v) = serving.and_then(|v| v.parse::<ModelVersion>().ok()) {
+            self.metrics
+                .set(&m::RETRAIN_SERVING_VERSION, &[], v.0 as f64);
+        }
+        rec
+    }
+
+    async fn run_to_end(&self) -> CycleRecord {
         let cycle = self
             .history
             .cycles()

@@ -6,6 +6,7 @@ use tandem_proto::usertower::v1 as pb;
 use tandem_proto::usertower::v1::user_tower_server::UserTower as UserTowerRpc;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::online::Event;
 use crate::service::{EmbedInput, UserTower, UserTowerError};
@@ -65,6 +66,11 @@ impl UserTowerRpc for UserTowerGrpc {
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let r = req.into_inner();
         let model_name = self.core.config().model.clone();
+        let span = tracing::info_span!(
+            "usertower.embed",
+            tandem.model_version = %r.model_version,
+            tandem.history_length = tracing::field::Empty,
+        );
         let out = self
             .core
             .embed(EmbedInput {
@@ -75,7 +81,9 @@ impl UserTowerRpc for UserTowerGrpc {
                 features: r.features.into_iter().collect(),
                 request_time: r.request_time_unix,
             })
+            .instrument(span.clone())
             .await?;
+        span.record("tandem.history_length", out.history_length);
         Ok(Response::new(pb::EmbedResponse {
             embedding: out.vector,
             model_name,

@@ -56,7 +56,12 @@ pub async fn serve(
         }
     });
 
+    let metrics = core.metrics().clone();
     tonic::transport::Server::builder()
+        .layer(tandem_telemetry::RpcLayer::new(
+            tandem_telemetry::Service::UserTower,
+            metrics,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(UserTowerServer::new(grpc::UserTowerGrpc::new(core)))

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tandem_model::{UserModel, UserRequest};
 use tandem_registry::{Registry, Storage, MODELS};
+use tandem_telemetry::catalogue as m;
 use tandem_types::ModelVersion;
 
 use crate::online::{Event, EventLogWriter, Fsync, OnlineStore};
@@ -102,6 +103,7 @@ pub struct UserTower {
     pinned: RwLock<BTreeSet<ModelVersion>>,
     store: RwLock<OnlineStore>,
     log: Mutex<EventLogWriter>,
+    metrics: Arc<tandem_telemetry::Registry>,
 }
 
 pub fn now_secs() -> i64 {
@@ -125,7 +127,15 @@ impl UserTower {
             users = store.users(),
             "online state rebuilt from the event log"
         );
+        let metrics = tandem_telemetry::Registry::new();
+        metrics.register(&[
+            m::UT_VERSIONS_LOADED,
+            m::UT_EMBEDDINGS,
+            m::UT_VERSION_REFUSALS,
+            m::UT_EVENTS,
+        ]);
         Ok(UserTower {
+            metrics,
             registry: Registry::open(&cfg.artifacts),
             cfg,
             versions: RwLock::new(BTreeMap::new()),
@@ -137,6 +147,11 @@ impl UserTower {
 
     pub fn config(&self) -> &UserTowerConfig {
         &self.cfg
+    }
+
+    /// This service's metrics (the `/metrics` endpoint renders them).
+    pub fn metrics(&self) -> &Arc<tandem_telemetry::Registry> {
+        &self.metrics
     }
 
     pub fn loaded(&self) -> Vec<(ModelVersion, Arc<Loaded>)> {
@@ -222,6 +237,12 @@ impl UserTower {
         for v in &evicted {
             tracing::info!(version = %v, "model version evicted");
         }
+        let loaded = self
+            .loaded()
+            .iter()
+            .map(|(v, _)| (vec![("version", v.to_string())], 1.0))
+            .collect();
+        self.metrics.replace(&m::UT_VERSIONS_LOADED, loaded);
         Ok((added, evicted))
     }
 
@@ -248,6 +269,7 @@ impl UserTower {
             .get(&version)
             .cloned();
         let Some(loaded) = loaded else {
+            self.metrics.inc(&m::UT_VERSION_REFUSALS, &[]);
             let list: Vec<String> = self.loaded().iter().map(|(v, _)| v.to_string()).collect();
             return Err(UserTowerError::VersionNotLoaded {
                 model: self.cfg.model.clone(),
@@ -271,6 +293,7 @@ impl UserTower {
             req.recent_items
         };
         let ts = req.request_time.unwrap_or_else(now_secs);
+        let metrics = self.metrics.clone();
         // Inference runs on the blocking pool: the async workers keep serving other requests.
         tokio::task::spawn_blocking(move || {
             let m = &loaded.model;
@@ -291,6 +314,7 @@ impl UserTower {
                 .embed_requests(&[r])
                 .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
                 .map_err(|e| UserTowerError::Internal(e.to_string()))?;
+            metrics.inc(&m::UT_EMBEDDINGS, &[("version", &version.to_string())]);
             Ok(Embedding {
                 vector: v,
                 history,
@@ -366,6 +390,10 @@ impl UserTower {
         for e in &ok {
             store.record(&e.user, &e.item, e.ts);
         }
+        self.metrics
+            .add(&m::UT_EVENTS, &[("result", "accepted")], ok.len() as f64);
+        self.metrics
+            .add(&m::UT_EVENTS, &[("result", "rejected")], rejected as f64);
         Ok(RecordOutcome {
             accepted: ok.len() as u64,
             rejected,

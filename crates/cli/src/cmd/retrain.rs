@@ -50,6 +50,10 @@ pub struct Args {
     /// Print each cycle's record as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Serve Prometheus metrics (cycle outcomes, serving version) on this address; with
+    /// `--every` only.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN", requires = "every")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +107,7 @@ pub fn run(a: Args) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         if let Some(every) = a.every {
+            crate::cmd::serve::start_metrics(a.metrics_listen, retrainer.metrics().clone()).await?;
             retrainer
                 .run_every(every, crate::cmd::serve::shutdown_signal())
                 .await?;

@@ -31,6 +31,9 @@ pub struct HomefeedArgs {
     pub user_tower: String,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7301")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Host picking: round-robin, two-choices or sticky.
     #[arg(long, default_value = "two-choices")]
     pub pick: tandem_homefeed::Pick,
@@ -57,6 +60,9 @@ pub struct UserTowerArgs {
     pub keep: usize,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7201")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of the durable engagement log (segment files `tandem train --events` reads).
     #[arg(long, env = "TANDEM_EVENT_LOG", default_value = "events")]
     pub event_log: PathBuf,
@@ -84,6 +90,9 @@ pub struct AnnArgs {
     pub version: Option<ModelVersion>,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7101")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Token required by LoadVersion and Rollback (`authorization: Bearer <token>`); without it
     /// admin RPCs are refused.
     #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
@@ -115,6 +124,7 @@ pub fn run(s: Serve) -> Result<()> {
                     admin_token: a.admin_token,
                     max_k: a.max_k,
                 }));
+                start_metrics(a.metrics_listen, host.metrics().clone()).await?;
                 tandem_ann::serve(host, listener, shutdown_signal()).await?;
                 Ok(())
             }
@@ -137,6 +147,7 @@ pub fn run(s: Serve) -> Result<()> {
                     a.model,
                     listener.local_addr()?
                 );
+                start_metrics(a.metrics_listen, core.metrics().clone()).await?;
                 tandem_usertower::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
@@ -156,11 +167,33 @@ pub fn run(s: Serve) -> Result<()> {
                     a.model,
                     listener.local_addr()?
                 );
+                start_metrics(a.metrics_listen, core.metrics().clone()).await?;
                 tandem_homefeed::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
         }
     })
+}
+
+/// Binds `addr` (when given) and serves `registry` on it in the background. Prints the bound
+/// address on stderr, after the service's own "listening on" line.
+pub async fn start_metrics(
+    addr: Option<SocketAddr>,
+    registry: Arc<tandem_telemetry::Registry>,
+) -> Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+    tokio::spawn(tandem_telemetry::serve_metrics(
+        registry,
+        listener,
+        std::future::pending(),
+    ));
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
