@@ -480,19 +480,8 @@ impl Drop for Server {
 
 /// Starts `tandem serve …` on port 0 and returns it with its address (from its first line).
 fn spawn_server(args: &[&str]) -> (Server, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = format!("http://{}", first.trim().rsplit(' ').next().unwrap());
-    (Server(child), addr)
+    let (server, addr, _) = spawn_service(args, &[]);
+    (server, addr)
 }
 
 /// Polls a `tandem` command until its JSON output satisfies `pred` (bounded).
@@ -510,12 +499,11 @@ fn poll_json(args: &[&str], pred: impl Fn(&serde_json::Value) -> bool) -> serde_
     panic!("condition never held for tandem {args:?}");
 }
 
-#[test]
-fn rollout_status_and_rollback_drive_real_processes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth(dir.path(), "csv");
+/// Trains v1 and v2 (two seeds) on a small synthetic log and indexes both; returns the store.
+fn two_indexed_versions(dir: &Path) -> PathBuf {
+    let data = synth(dir, "csv");
     let events = data.join("events.csv");
-    let artifacts = dir.path().join("a");
+    let artifacts = dir.join("a");
     for seed in ["1", "2"] {
         let mut args = vec![
             "train",
@@ -532,14 +520,16 @@ fn rollout_status_and_rollback_drive_real_processes() {
         ok(&args);
     }
     for v in ["v1", "v2"] {
-        ok(&[
-            "index",
-            "--model",
-            p(&artifacts.join("models/tandem").join(v)),
-            "--out",
-            p(&artifacts),
-        ]);
+        let model = artifacts.join("models/tandem").join(v);
+        ok(&["index", "--model", p(&model), "--out", p(&artifacts)]);
     }
+    artifacts
+}
+
+#[test]
+fn rollout_status_and_rollback_drive_real_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = two_indexed_versions(dir.path());
     let log = dir.path().join("events-log");
     let (ut, ut_addr) = spawn_server(&[
         "serve",
@@ -885,28 +875,7 @@ mod otlp {
 #[test]
 fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_rollout() {
     let dir = tempfile::tempdir().unwrap();
-    let data = synth(dir.path(), "csv");
-    let events = data.join("events.csv");
-    let artifacts = dir.path().join("a");
-    for seed in ["1", "2"] {
-        let mut args = vec![
-            "train",
-            "--events",
-            p(&events),
-            "--out",
-            p(&artifacts),
-            "--protocol",
-            "none",
-            "--seed",
-            seed,
-        ];
-        args.extend_from_slice(SMALL);
-        ok(&args);
-    }
-    for v in ["v1", "v2"] {
-        let model = artifacts.join("models/tandem").join(v);
-        ok(&["index", "--model", p(&model), "--out", p(&artifacts)]);
-    }
+    let artifacts = two_indexed_versions(dir.path());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -1079,30 +1048,38 @@ fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_r
     assert_eq!(embed.parent_span_id, embed_client.span_id);
 
     // Metrics during a rollout: every service's endpoint, before, halfway and after.
+    // The orchestrator's skew gauges: (hosts on v1, hosts on v2, versions live).
+    let skew = || {
+        let hf = http_get(&hf_metrics);
+        let hosts_on = |v: &str| {
+            sample(
+                &hf,
+                &format!("tandem_homefeed_hosts_per_version{{version=\"{v}\"}}"),
+            )
+        };
+        (
+            hosts_on("v1"),
+            hosts_on("v2"),
+            sample(&hf, "tandem_homefeed_versions_live"),
+        )
+    };
+    let ann = |i: usize, series: &str| sample(&http_get(&ann_metrics[i]), series);
+    let serving = "tandem_ann_serving_version{model=\"tandem\"}";
+    assert_eq!(skew(), (Some(2.0), None, Some(1.0)));
     let hf = http_get(&hf_metrics);
-    assert_eq!(
-        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
-        Some(2.0)
-    );
-    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(1.0));
     assert_eq!(
         sample(&hf, "tandem_homefeed_answers_total{version=\"v1\"}"),
         Some(1.0)
     );
     assert!(hf.contains("tandem_rpc_duration_seconds_bucket{service=\"homefeed\",rpc=\"/tandem.homefeed.v1.Homefeed/GetCandidates\",code=\"OK\",le=\"+Inf\"} 1"), "{hf}");
     let ut = http_get(&ut_metrics);
-    assert_eq!(
-        sample(&ut, "tandem_usertower_versions_loaded{version=\"v1\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&ut, "tandem_usertower_versions_loaded{version=\"v2\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&ut, "tandem_usertower_embeddings_total{version=\"v1\"}"),
-        Some(1.0)
-    );
+    for series in [
+        "tandem_usertower_versions_loaded{version=\"v1\"}",
+        "tandem_usertower_versions_loaded{version=\"v2\"}",
+        "tandem_usertower_embeddings_total{version=\"v1\"}",
+    ] {
+        assert_eq!(sample(&ut, series), Some(1.0), "{series}");
+    }
 
     let roll = |host: &str| {
         ok(&[
@@ -1121,55 +1098,23 @@ fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_r
         ])
     };
     roll(&hosts[0].1);
-    let hf = http_get(&hf_metrics);
+    assert_eq!(skew(), (Some(1.0), Some(1.0), Some(2.0)));
+    assert_eq!((ann(0, serving), ann(1, serving)), (Some(2.0), Some(1.0)));
+    let load_ok = "{kind=\"load\",result=\"ok\"}";
     assert_eq!(
-        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
-        Some(1.0),
-        "{hf}"
-    );
-    assert_eq!(
-        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v2\"}"),
-        Some(1.0)
-    );
-    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(2.0));
-    let a0 = http_get(&ann_metrics[0]);
-    assert_eq!(
-        sample(&a0, "tandem_ann_serving_version{model=\"tandem\"}"),
+        ann(0, &format!("tandem_ann_swaps_total{load_ok}")),
         Some(2.0)
     );
     assert_eq!(
-        sample(&a0, "tandem_ann_swaps_total{kind=\"load\",result=\"ok\"}"),
-        Some(2.0)
-    );
-    assert_eq!(
-        sample(
-            &a0,
-            "tandem_ann_swap_duration_seconds_count{kind=\"load\",result=\"ok\"}"
+        ann(
+            0,
+            &format!("tandem_ann_swap_duration_seconds_count{load_ok}")
         ),
         Some(2.0)
     );
-    let a1 = http_get(&ann_metrics[1]);
-    assert_eq!(
-        sample(&a1, "tandem_ann_serving_version{model=\"tandem\"}"),
-        Some(1.0)
-    );
 
     roll(&hosts[1].1);
-    let hf = http_get(&hf_metrics);
-    assert_eq!(
-        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v1\"}"),
-        None,
-        "{hf}"
-    );
-    assert_eq!(
-        sample(&hf, "tandem_homefeed_hosts_per_version{version=\"v2\"}"),
-        Some(2.0)
-    );
-    assert_eq!(sample(&hf, "tandem_homefeed_versions_live"), Some(1.0));
-    let a1 = http_get(&ann_metrics[1]);
-    assert_eq!(
-        sample(&a1, "tandem_ann_serving_version{model=\"tandem\"}"),
-        Some(2.0)
-    );
+    assert_eq!(skew(), (None, Some(2.0), Some(1.0)));
+    assert_eq!((ann(0, serving), ann(1, serving)), (Some(2.0), Some(2.0)));
     drop(hosts);
 }

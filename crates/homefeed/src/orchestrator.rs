@@ -137,25 +137,31 @@ pub struct Orchestrator {
     metrics: Arc<Registry>,
 }
 
-/// A client span for one outgoing RPC, with the trace context injected into the request.
-fn client_span<T>(name: &'static str, host: &str, req: &mut tonic::Request<T>) -> tracing::Span {
+/// Runs one outgoing RPC in a client span named `name`, with the span's trace context injected
+/// into the request's metadata (so the callee's server span becomes its child).
+async fn traced<T, R, F>(
+    name: &'static str,
+    peer: &str,
+    mut req: tonic::Request<T>,
+    call: impl FnOnce(tonic::Request<T>) -> F,
+) -> Result<R, tonic::Status>
+where
+    F: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
     let span = tracing::info_span!(
         "rpc.client",
         otel.name = name,
         otel.kind = "client",
         rpc.system = "grpc",
-        tandem.peer = %host,
+        tandem.peer = %peer,
         otel.status_code = field::Empty,
     );
-    tandem_telemetry::rpc::inject(&span, req);
-    span
-}
-
-/// Marks a client span failed when its call failed.
-fn mark<R>(span: &tracing::Span, r: &Result<R, tonic::Status>) {
+    tandem_telemetry::rpc::inject(&span, &mut req);
+    let r = call(req).instrument(span.clone()).await;
     if r.is_err() {
         span.record("otel.status_code", "ERROR");
     }
+    r.map(tonic::Response::into_inner)
 }
 
 fn channel(url: &str) -> Result<Channel, HomefeedError> {
@@ -299,19 +305,14 @@ impl Orchestrator {
             self.remaining(deadline)
                 .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
         );
-        let span = client_span(
+        let mut client = host.client.clone();
+        let meta = traced(
             "tandem.ann.v1.AnnSearch/GetVersionMetadata",
             &host.url,
-            &mut req,
-        );
-        let r = host
-            .client
-            .clone()
-            .get_version_metadata(req)
-            .instrument(span.clone())
-            .await;
-        mark(&span, &r);
-        let meta = r?.into_inner();
+            req,
+            |r| async move { client.get_version_metadata(r).await },
+        )
+        .await?;
         let v = meta
             .versions
             .get(&self.cfg.model)
@@ -333,19 +334,15 @@ impl Orchestrator {
         }
         let mut req = tonic::Request::new(ut::ListVersionsRequest {});
         req.set_timeout(self.remaining(deadline)?);
-        let span = client_span(
+        let mut client = self.user_tower.clone();
+        let list = traced(
             "tandem.usertower.v1.UserTower/ListVersions",
             &self.cfg.user_tower,
-            &mut req,
-        );
-        let list = self
-            .user_tower
-            .clone()
-            .list_versions(req)
-            .instrument(span)
-            .await
-            .map_err(|s| HomefeedError::UserTower(s.message().to_string()))?
-            .into_inner();
+            req,
+            |r| async move { client.list_versions(r).await },
+        )
+        .await
+        .map_err(|s| HomefeedError::UserTower(s.message().to_string()))?;
         let newest = list
             .versions
             .iter()
@@ -372,19 +369,14 @@ impl Orchestrator {
             self.remaining(deadline)
                 .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
         );
-        let span = client_span(
+        let mut client = self.user_tower.clone();
+        traced(
             "tandem.usertower.v1.UserTower/Embed",
             &self.cfg.user_tower,
-            &mut req,
-        );
-        let r = self
-            .user_tower
-            .clone()
-            .embed(req)
-            .instrument(span.clone())
-            .await;
-        mark(&span, &r);
-        Ok(r?.into_inner())
+            req,
+            |r| async move { client.embed(r).await },
+        )
+        .await
     }
 
     pub async fn get_candidates(
@@ -533,17 +525,16 @@ impl Orchestrator {
                 allow_version_mismatch: allow_mismatch,
             });
             req.set_timeout(self.remaining(deadline).map_err(Attempt::Fatal)?);
-            let span = client_span("tandem.ann.v1.AnnSearch/Search", &host.url, &mut req);
-            let searched = host
-                .client
-                .clone()
-                .search(req)
-                .instrument(span.clone())
-                .await;
-            mark(&span, &searched);
+            let mut client = host.client.clone();
+            let searched = traced(
+                "tandem.ann.v1.AnnSearch/Search",
+                &host.url,
+                req,
+                |r| async move { client.search(r).await },
+            )
+            .await;
             match searched {
                 Ok(r) => {
-                    let r = r.into_inner();
                     // Belt and braces: in sync mode the host already refused any other version.
                     if self.cfg.sync == SyncMode::Sync && r.model_version != embed_version {
                         Self::invalidate(host);
