@@ -290,6 +290,35 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
         "not a model version directory",
     );
     assert!(!artifacts.exists());
+    // A taken metrics port stops a service before it prints anything else.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    fails_with(
+        &[
+            "serve",
+            "ann",
+            "--artifacts",
+            out,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &taken,
+        ],
+        "binding the metrics endpoint",
+    );
+    fails_with(
+        &[
+            "retrain",
+            "--events",
+            p(&bad),
+            "--artifacts",
+            out,
+            "--once",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        "--metrics-listen needs --every",
+    );
 }
 
 #[test]

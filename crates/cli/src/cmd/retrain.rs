@@ -51,8 +51,8 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Serve Prometheus metrics (cycle outcomes, serving version) on this address; with
-    /// `--every` only.
-    #[arg(long, env = "TANDEM_METRICS_LISTEN", requires = "every")]
+    /// `--every` only (a single `--once` cycle has nothing left to scrape when it ends).
+    #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
@@ -98,6 +98,11 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => RetrainConfig::read(p)?,
         None => RetrainConfig::default(),
     };
+    if a.metrics_listen.is_some() && a.every.is_none() {
+        bail!(
+            "--metrics-listen needs --every: a --once cycle has ended before anything scrapes it"
+        );
+    }
     if !a.events.exists() {
         bail!("{}: no such event log", a.events.display());
     }
@@ -107,7 +112,8 @@ pub fn run(a: Args) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         if let Some(every) = a.every {
-            crate::cmd::serve::start_metrics(a.metrics_listen, retrainer.metrics().clone()).await?;
+            let listener = crate::cmd::serve::bind_metrics(a.metrics_listen).await?;
+            crate::cmd::serve::start_metrics(listener, retrainer.metrics().clone())?;
             retrainer
                 .run_every(every, crate::cmd::serve::shutdown_signal())
                 .await?;

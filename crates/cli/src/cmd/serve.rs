@@ -112,6 +112,7 @@ pub fn run(s: Serve) -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(a.listen)
                     .await
                     .with_context(|| format!("binding {}", a.listen))?;
+                let metrics = bind_metrics(a.metrics_listen).await?;
                 eprintln!(
                     "ann host for {} listening on {}",
                     a.model,
@@ -124,7 +125,7 @@ pub fn run(s: Serve) -> Result<()> {
                     admin_token: a.admin_token,
                     max_k: a.max_k,
                 }));
-                start_metrics(a.metrics_listen, host.metrics().clone()).await?;
+                start_metrics(metrics, host.metrics().clone())?;
                 tandem_ann::serve(host, listener, shutdown_signal()).await?;
                 Ok(())
             }
@@ -142,12 +143,13 @@ pub fn run(s: Serve) -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(a.listen)
                     .await
                     .with_context(|| format!("binding {}", a.listen))?;
+                let metrics = bind_metrics(a.metrics_listen).await?;
                 eprintln!(
                     "user tower for {} listening on {}",
                     a.model,
                     listener.local_addr()?
                 );
-                start_metrics(a.metrics_listen, core.metrics().clone()).await?;
+                start_metrics(metrics, core.metrics().clone())?;
                 tandem_usertower::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
@@ -162,12 +164,13 @@ pub fn run(s: Serve) -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(a.listen)
                     .await
                     .with_context(|| format!("binding {}", a.listen))?;
+                let metrics = bind_metrics(a.metrics_listen).await?;
                 eprintln!(
                     "homefeed for {} listening on {}",
                     a.model,
                     listener.local_addr()?
                 );
-                start_metrics(a.metrics_listen, core.metrics().clone()).await?;
+                start_metrics(metrics, core.metrics().clone())?;
                 tandem_homefeed::serve(core, listener, shutdown_signal()).await?;
                 Ok(())
             }
@@ -175,18 +178,27 @@ pub fn run(s: Serve) -> Result<()> {
     })
 }
 
-/// Binds `addr` (when given) and serves `registry` on it in the background. Prints the bound
-/// address on stderr, after the service's own "listening on" line.
-pub async fn start_metrics(
-    addr: Option<SocketAddr>,
-    registry: Arc<tandem_telemetry::Registry>,
-) -> Result<()> {
+/// Binds the metrics endpoint, when one is asked for. Done with the service's own bind, before
+/// anything is printed, so a taken port fails with one line.
+pub async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<tokio::net::TcpListener>> {
     let Some(addr) = addr else {
-        return Ok(());
+        return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    Ok(Some(listener))
+}
+
+/// Serves `registry` on `listener` in the background and prints its address on stderr (after
+/// the service's own "listening on" line, which scripts read first).
+pub fn start_metrics(
+    listener: Option<tokio::net::TcpListener>,
+    registry: Arc<tandem_telemetry::Registry>,
+) -> Result<()> {
+    let Some(listener) = listener else {
+        return Ok(());
+    };
     eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
     tokio::spawn(tandem_telemetry::serve_metrics(
         registry,
