@@ -251,6 +251,19 @@ async fn a_crashed_host_costs_retries_not_failures() {
     );
     assert_eq!(tally.mismatched.load(Ordering::SeqCst), 0);
     assert_eq!(tally.ok(), 2_400);
+    // What a scrape would show: the dead host as unreachable, the others by version.
+    let seen = sb.orchestrator.observe_hosts().await;
+    assert_eq!(seen.iter().filter(|(_, v)| v.is_none()).count(), 1);
+    let m = sb.orchestrator.metrics();
+    assert_eq!(m.value(&catalogue::HF_HOSTS_UNREACHABLE, &[]), Some(1.0));
+    for v in ["v1", "v2"] {
+        assert_eq!(
+            m.value(&catalogue::HF_HOSTS_PER_VERSION, &[("version", v)]),
+            Some(1.0),
+            "{v}"
+        );
+    }
+    assert_eq!(m.value(&catalogue::HF_VERSIONS_LIVE, &[]), Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,10 +232,11 @@ impl Orchestrator {
     /// refreshes the handshake's cache), and the version-skew gauges set from it. Run at every
     /// scrape, so the gauges are current with or without traffic.
     pub async fn observe_hosts(&self) -> Vec<(String, Option<String>)> {
-        let deadline = Instant::now() + self.cfg.rpc_timeout;
         let mut seen = Vec::with_capacity(self.hosts.len());
-        // One at a time keeps this simple; a dead host costs at most one connect timeout.
+        // One at a time keeps this simple; a dead host costs at most one RPC timeout, and each
+        // host gets a full one.
         for host in &self.hosts {
+            let deadline = Instant::now() + self.cfg.rpc_timeout;
             let v = self.fetch_version(host, deadline).await.ok();
             seen.push((host.url.clone(), v));
         }
