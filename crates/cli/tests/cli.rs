@@ -1145,5 +1145,19 @@ fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_r
     roll(&hosts[1].1);
     assert_eq!(skew(), (None, Some(2.0), Some(1.0)));
     assert_eq!((ann(0, serving), ann(1, serving)), (Some(2.0), Some(2.0)));
+
+    // An RPC the orchestrator does not serve is counted under one shared label.
+    assert!(!tandem(&["call", "ann", "metadata", "--addr", &hf_addr])
+        .status
+        .success());
+    let hf = http_get(&hf_metrics);
+    assert_eq!(
+        sample(
+            &hf,
+            "tandem_rpc_requests_total{service=\"homefeed\",rpc=\"unimplemented\",code=\"UNIMPLEMENTED\"}"
+        ),
+        Some(1.0),
+        "{hf}"
+    );
     drop(hosts);
 }

@@ -197,7 +197,14 @@ where
                 if code != "OK" {
                     current.record("otel.status_code", "ERROR");
                 }
-                let labels = [("service", service), ("rpc", path.as_str()), ("code", code)];
+                // Unrouted paths share one label: a client probing random paths must not be
+                // able to create series without bound.
+                let rpc = if code == "UNIMPLEMENTED" {
+                    "unimplemented"
+                } else {
+                    path.as_str()
+                };
+                let labels = [("service", service), ("rpc", rpc), ("code", code)];
                 metrics.inc(&catalogue::RPC_REQUESTS, &labels);
                 metrics.observe(
                     &catalogue::RPC_DURATION,
