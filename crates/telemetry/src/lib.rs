@@ -41,13 +41,6 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-impl Telemetry {
-    /// Whether spans leave the process.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-}
-
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
@@ -183,9 +176,6 @@ pub struct MemoryExporter {
 impl MemoryExporter {
     pub fn spans(&self) -> Vec<SpanData> {
         self.spans.lock().expect("lock poisoned").clone()
-    }
-    pub fn clear(&self) {
-        self.spans.lock().expect("lock poisoned").clear();
     }
 }
 

@@ -201,6 +201,14 @@ struct Family {
     series: BTreeMap<Labels, Series>,
 }
 
+/// `m`'s family, created empty on first use.
+fn family<'a>(fams: &'a mut BTreeMap<&'static str, Family>, m: &Metric) -> &'a mut Family {
+    fams.entry(m.name).or_insert_with(|| Family {
+        metric: *m,
+        series: BTreeMap::new(),
+    })
+}
+
 /// Runs at scrape time, before rendering.
 pub type Collector = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -228,29 +236,25 @@ impl Registry {
 
     /// Makes `metrics` appear in the exposition (with no samples) before their first update.
     pub fn register(&self, metrics: &[Metric]) {
-        let mut f = self.families.lock().expect("metrics lock poisoned");
+        let mut fams = self.families.lock().expect("metrics lock poisoned");
         for m in metrics {
-            f.entry(m.name).or_insert_with(|| Family {
-                metric: *m,
-                series: BTreeMap::new(),
-            });
+            family(&mut fams, m);
         }
     }
 
     fn with_series(&self, m: &Metric, l: &[(&'static str, &str)], f: impl FnOnce(&mut Series)) {
         let mut fams = self.families.lock().expect("metrics lock poisoned");
-        let fam = fams.entry(m.name).or_insert_with(|| Family {
-            metric: *m,
-            series: BTreeMap::new(),
-        });
-        let s = fam.series.entry(labels(l)).or_insert_with(|| match m.kind {
-            Kind::Histogram(b) => Series::Histogram {
-                counts: vec![0; b.len()],
-                sum: 0.0,
-                count: 0,
-            },
-            _ => Series::Value(0.0),
-        });
+        let s = family(&mut fams, m)
+            .series
+            .entry(labels(l))
+            .or_insert_with(|| match m.kind {
+                Kind::Histogram(b) => Series::Histogram {
+                    counts: vec![0; b.len()],
+                    sum: 0.0,
+                    count: 0,
+                },
+                _ => Series::Value(0.0),
+            });
         f(s);
     }
 
@@ -294,11 +298,7 @@ impl Registry {
     /// Replaces every series of a gauge at once (a label that disappeared must not linger).
     pub fn replace(&self, m: &Metric, series: Vec<(Vec<(&'static str, String)>, f64)>) {
         let mut fams = self.families.lock().expect("metrics lock poisoned");
-        let fam = fams.entry(m.name).or_insert_with(|| Family {
-            metric: *m,
-            series: BTreeMap::new(),
-        });
-        fam.series = series
+        family(&mut fams, m).series = series
             .into_iter()
             .map(|(l, v)| (l, Series::Value(v)))
             .collect();
