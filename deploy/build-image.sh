@@ -36,3 +36,31 @@ tar -C "$root" -c . | docker import \
   --change 'WORKDIR /' \
   - "$IMAGE" >/dev/null
 echo "built $IMAGE in $(( $(date +%s) - started ))s ($(docker image inspect -f '{{.Size}}' "$IMAGE") bytes)"
+
+# The NATS JetStream server of the compose cluster, from Debian's nats-server package on this
+# machine (.ci/run installs it), assembled the same way: binary, its libraries, a config.
+NATS_IMAGE="${TANDEM_NATS_IMAGE:-tandem-nats:local}"
+nats_bin=$(command -v nats-server || true)
+[ -n "$nats_bin" ] || { echo "nats-server not found: apt-get install -y nats-server" >&2; exit 1; }
+nroot=$(mktemp -d)
+trap 'rm -rf "$root" "$nroot"' EXIT
+mkdir -p "$nroot/bin" "$nroot/etc/nats" "$nroot/data" "$nroot/tmp"
+chmod 1777 "$nroot/tmp"
+cp -L "$nats_bin" "$nroot/bin/nats-server"
+for lib in $(ldd "$nats_bin" 2>/dev/null | grep -o '/[^ ]*'); do
+  mkdir -p "$nroot$(dirname "$lib")"
+  cp -L "$lib" "$nroot$lib"
+done
+# One server, JetStream on a file store at /data (a volume), monitoring (/healthz) on 8222.
+cat > "$nroot/etc/nats/nats.conf" <<'CONF'
+port: 4222
+http_port: 8222
+jetstream {
+  store_dir: /data
+}
+CONF
+tar -C "$nroot" -c . | docker import \
+  --change 'ENTRYPOINT ["/bin/nats-server", "--config", "/etc/nats/nats.conf"]' \
+  --change 'WORKDIR /' \
+  - "$NATS_IMAGE" >/dev/null
+echo "built $NATS_IMAGE ($("$nats_bin" --version), $(docker image inspect -f '{{.Size}}' "$NATS_IMAGE") bytes)"

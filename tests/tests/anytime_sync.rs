@@ -7,12 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_client::HomefeedClient;
 use tandem_homefeed::{Pick, SyncMode};
-use tandem_proto::homefeed::v1 as pb;
-use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
 use tandem_sandbox::{load, rollback, wait_until, SandboxBuilder};
 use tandem_telemetry::catalogue;
-use tonic::transport::Channel;
 
 #[derive(Default)]
 struct Tally {
@@ -32,26 +30,21 @@ impl Tally {
 
 /// `workers` tasks send `per_worker` requests each (bounded), for users u0..u199.
 fn drive(
-    client: &HomefeedClient<Channel>,
+    client: &HomefeedClient,
     tally: &Arc<Tally>,
     workers: usize,
     per_worker: usize,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..workers)
         .map(|w| {
-            let mut c = client.clone();
+            let c = client.clone();
             let t = tally.clone();
             tokio::spawn(async move {
                 for k in 0..per_worker {
-                    let req = pb::GetCandidatesRequest {
-                        user_id: format!("u{}", (w * 37 + k) % 200),
-                        k: 20,
-                        exclude_seen: k % 2 == 0,
-                    };
-                    match c.get_candidates(req).await {
+                    let user = format!("u{}", (w * 37 + k) % 200);
+                    match c.candidates(&user, 20, k % 2 == 0, None).await {
                         Ok(r) => {
-                            let r = r.into_inner();
-                            if r.embedding_version != r.model_version {
+                            if r.mismatched() {
                                 t.mismatched.fetch_add(1, Ordering::SeqCst);
                             }
                             if r.attempts > 1 {
@@ -61,7 +54,7 @@ fn drive(
                             *t.by_version
                                 .lock()
                                 .unwrap()
-                                .entry(r.model_version)
+                                .entry(r.index_version.to_string())
                                 .or_default() += 1;
                             t.ok.fetch_add(1, Ordering::SeqCst);
                         }
@@ -154,16 +147,7 @@ async fn a_host_flipping_between_handshake_and_search_is_retried_on_its_new_vers
         })
         .start()
         .await;
-    let mut c = sb.client.clone();
-    let r = c
-        .get_candidates(pb::GetCandidatesRequest {
-            user_id: "u1".into(),
-            k: 10,
-            exclude_seen: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = sb.client.candidates("u1", 10, false, None).await.unwrap();
     assert!(flipped.load(Ordering::SeqCst));
     assert_eq!(
         url_slot.lock().unwrap().as_deref(),
@@ -171,11 +155,11 @@ async fn a_host_flipping_between_handshake_and_search_is_retried_on_its_new_vers
     );
     assert_eq!(
         (
-            r.model_version.as_str(),
-            r.embedding_version.as_str(),
+            r.index_version.to_string(),
+            r.embedding_version.to_string(),
             r.attempts
         ),
-        ("v2", "v2", 2)
+        ("v2".to_string(), "v2".to_string(), 2)
     );
     assert_eq!(r.items.len(), 10);
     // The race is visible in the orchestrator's metrics: one refusal, one repeated handshake.
@@ -199,6 +183,24 @@ async fn a_host_on_a_version_the_user_tower_evicted_is_skipped() {
         .homefeed(|cfg| cfg.pick = Pick::RoundRobin)
         .start()
         .await;
+    // Hosts pin what they serve, which keeps v1 in the user tower; drop the pins to stage a
+    // user tower that lost it anyway (its own store, a failed load).
+    std::fs::remove_dir_all(sb.dir.path().join("pins/models/tandem/v1")).unwrap();
+    let ut = tandem_client::UserTowerClient::connect(
+        &sb.user_tower.url(),
+        &tandem_client::ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(30), "the user tower evicts v1", || {
+        let ut = ut.clone();
+        async move {
+            ut.versions(None)
+                .await
+                .is_ok_and(|v| v.iter().all(|v| v.version.0 == 2))
+        }
+    })
+    .await;
     let tally = Arc::new(Tally::default());
     finish(drive(&sb.client, &tally, 4, 250)).await;
     report("evicted version", &tally);

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use tandem_data::synth::SynthConfig;
 use tandem_model::config::{ModelConfig, TrainConfig};
-use tandem_proto::homefeed::v1 as pb;
 use tandem_registry::{Registry, MODELS};
 use tandem_retrain::config::RetrainConfig;
 use tandem_retrain::history::CycleRecord;
-use tandem_retrain::{CycleOptions, Fault, Fleet, Outcome, Retrainer};
+use tandem_retrain::{CycleOptions, Fault, Outcome, Retrainer};
 use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
-use tandem_sandbox::{Sandbox, SandboxBuilder, MODEL, TOKEN};
+use tandem_sandbox::{Sandbox, SandboxBuilder, MODEL};
 use tandem_types::ModelVersion;
 
 fn small() -> (ModelConfig, TrainConfig) {
@@ -85,14 +84,8 @@ fn config() -> RetrainConfig {
 
 fn retrainer(sb: &Sandbox, cfg: RetrainConfig, fault: Option<Fault>) -> Retrainer {
     let root = sb.dir.path().to_path_buf();
-    let mut o = CycleOptions::new(root.clone(), MODEL, sb.events_dir());
-    o.fleet = Some(Fleet {
-        hosts: sb.host_urls(),
-        user_tower: sb.user_tower.url(),
-        artifacts: root,
-        model: MODEL.into(),
-        admin_token: TOKEN.into(),
-    });
+    let mut o = CycleOptions::new(root, MODEL, sb.events_dir());
+    o.fleet = Some(sb.fleet());
     o.homefeed = Some(sb.homefeed.url());
     o.fault = fault;
     Retrainer::new(o, cfg)
@@ -102,10 +95,12 @@ async fn host_versions(sb: &Sandbox) -> Vec<String> {
     let mut out = Vec::new();
     for url in sb.host_urls() {
         out.push(
-            tandem_retrain::fleet::metadata(&url)
+            tandem_sandbox::admin(&url)
+                .metadata(None)
                 .await
                 .expect("metadata")
-                .model_version,
+                .model_version
+                .to_string(),
         );
     }
     out
@@ -131,28 +126,23 @@ fn traffic(
     let t = Arc::new(Traffic::default());
     let tasks = (0..2)
         .map(|w| {
-            let mut c = sb.client.clone();
+            let c = sb.client.clone();
             let t = t.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut k = 0usize;
                 while !stop.load(Ordering::SeqCst) {
                     k += 1;
-                    let req = pb::GetCandidatesRequest {
-                        user_id: format!("u{}", (w * 131 + k * 7) % 300),
-                        k: 20,
-                        exclude_seen: k.is_multiple_of(2),
-                    };
-                    match c.get_candidates(req).await {
+                    let user = format!("u{}", (w * 131 + k * 7) % 300);
+                    match c.candidates(&user, 20, k.is_multiple_of(2), None).await {
                         Ok(r) => {
-                            let r = r.into_inner();
-                            if r.embedding_version != r.model_version {
+                            if r.mismatched() {
                                 t.mismatched.fetch_add(1, Ordering::SeqCst);
                             }
                             *t.by_version
                                 .lock()
                                 .unwrap()
-                                .entry(r.model_version)
+                                .entry(r.index_version.to_string())
                                 .or_default() += 1;
                             t.ok.fetch_add(1, Ordering::SeqCst);
                         }
@@ -189,7 +179,7 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
             && scraped.contains("tandem_retrain_serving_version 2\n"),
         "{scraped}"
     );
-    assert_eq!(rec.version.as_deref(), Some("v2"));
+    assert_eq!(rec.version, Some(ModelVersion(2)));
     assert_eq!(host_versions(&sb).await, ["v2", "v2", "v2"]);
     assert!(rec.gate.iter().all(|d| d.passed));
     assert!(rec.candidate_metrics["recall@50"] > 0.0);
@@ -217,7 +207,7 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
         .metrics()
         .render()
         .contains("tandem_retrain_cycles_total{outcome=\"skipped\"} 1\n"));
-    assert_eq!(again.champion.as_deref(), Some("v2"));
+    assert_eq!(again.champion, Some(ModelVersion(2)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,12 +232,15 @@ async fn a_candidate_that_passes_the_gate_but_fails_the_canary_is_rolled_back() 
     let mut cfg = config();
     cfg.gate.min_delta = -1.0;
     cfg.gate.min_coverage_ratio = 0.0;
+    // A shuffled model's index measures 0.94–0.96 recall@10 (the parallel build varies): this
+    // scenario is about the canary, so the gate lets every index through.
+    cfg.gate.min_ann_recall = 0.0;
     let rec = retrainer(&sb, cfg, Some(Fault::ShuffleTrainItems))
         .run_cycle()
         .await;
     assert_eq!(rec.outcome, Outcome::RolledBack, "{}", explain(&rec));
     assert!(rec.reason.starts_with("canary failed"), "{}", rec.reason);
-    assert_eq!(rec.version.as_deref(), Some("v2"));
+    assert_eq!(rec.version, Some(ModelVersion(2)));
     assert_eq!(host_versions(&sb).await, ["v1", "v1", "v1"]);
     assert_eq!(rec.rollback.len(), 1, "only the canary host had moved");
     let canary = &rec.canary[1];
@@ -258,7 +251,7 @@ async fn a_candidate_that_passes_the_gate_but_fails_the_canary_is_rolled_back() 
     tandem_sandbox::load(&sb.host_urls()[0], "v2").await;
     let r = retrainer(&sb, config(), None);
     let mut crashed = CycleRecord::new(2, 0);
-    crashed.version = Some("v2".into());
+    crashed.version = Some(ModelVersion(2));
     r.history().append(&crashed).unwrap();
     let settled = r.resume().await.unwrap().expect("an interrupted cycle");
     assert_eq!(settled.outcome, Outcome::Failed);

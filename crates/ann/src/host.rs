@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_index::artifact::{index_dir, LoadedIndex};
 use tandem_index::IndexError;
@@ -23,12 +22,61 @@ pub struct AnnConfig {
     pub artifacts: PathBuf,
     /// The model whose index this host serves.
     pub model: String,
-    /// Version to load at start; the newest when `None`.
+    /// Version to load at start; when `None`, the version this host last served (from its
+    /// state file), else the newest.
     pub version: Option<ModelVersion>,
     /// Token for LoadVersion/Rollback; admin RPCs are refused when `None`.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<tandem_server::AdminToken>,
     /// Largest `k` a search may ask for.
     pub max_k: usize,
+    /// Largest `ef` a search may ask for.
+    pub max_ef: usize,
+    /// Honour `allow_version_mismatch` (the naive mode's measurement) from any caller; without
+    /// it only an admin caller may set it.
+    pub allow_version_mismatch: bool,
+    /// This host's name in the registry's pins (it pins what it serves and its rollback target,
+    /// so retention and the user tower keep them) and in its state file's name.
+    pub host_id: String,
+    /// Where the host records what it serves, so a restart resumes it (with its rollback
+    /// target); none: `<artifacts>/hosts/<model>-<host_id>.json`.
+    pub state_file: Option<PathBuf>,
+    /// The shard this host serves of sharded versions; `None` serves unsharded versions only
+    /// (a sharded version is refused, as is an unsharded one by a shard host other than 0).
+    pub shard: Option<u32>,
+}
+
+impl AnnConfig {
+    pub fn new(artifacts: PathBuf, model: &str) -> Self {
+        AnnConfig {
+            artifacts,
+            model: model.to_string(),
+            version: None,
+            admin_token: None,
+            max_k: 1000,
+            max_ef: 4096,
+            allow_version_mismatch: false,
+            host_id: "ann".into(),
+            state_file: None,
+            shard: None,
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            self.artifacts
+                .join("hosts")
+                .join(format!("{}-{}.json", self.model, self.host_id))
+        })
+    }
+}
+
+/// What a host records after every swap.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostState {
+    pub model: String,
+    pub serving: ModelVersion,
+    /// Versions served before, most recent last (the rollback stack).
+    pub history: Vec<ModelVersion>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,16 +86,14 @@ pub enum AnnError {
     #[error("this host serves {serving_model} {serving}, but the request was embedded with {requested_model} {requested}")]
     VersionMismatch {
         requested_model: String,
-        requested: String,
+        requested: ModelVersion,
         serving_model: String,
         serving: ModelVersion,
     },
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("admin RPCs are disabled: start the host with --admin-token")]
+    #[error("admin RPCs are disabled: start the host with --admin-token or --admin-token-file")]
     AdminDisabled,
-    #[error("missing or wrong admin token")]
-    BadToken,
     #[error("loading {model} {version} failed, still serving {current}: {source}")]
     LoadFailed {
         model: String,
@@ -74,7 +120,7 @@ pub struct Serving {
 /// What `GetVersionMetadata` reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Metadata {
-    pub versions: BTreeMap<String, String>,
+    pub versions: BTreeMap<String, ModelVersion>,
     pub index_id: String,
     pub item_count: u64,
     pub dim: u32,
@@ -83,11 +129,16 @@ pub struct Metadata {
     pub model_version: ModelVersion,
     pub ann_recall_at_10: f64,
     pub previous_version: Option<ModelVersion>,
+    /// The shard served (0 unsharded) and the version's shard count (1 unsharded).
+    pub shard: u32,
+    pub shard_count: u32,
 }
 
 pub struct SearchRequest {
+    /// Empty: this host's model.
     pub model_name: String,
-    pub model_version: String,
+    /// The version the embedding came from (parsed by the adapter).
+    pub model_version: ModelVersion,
     pub embedding: Vec<f32>,
     pub k: i32,
     pub ef: Option<u32>,
@@ -110,13 +161,6 @@ pub struct AnnHost {
     /// Serialises loads so two LoadVersion calls cannot interleave their swaps.
     loading: tokio::sync::Mutex<()>,
     metrics: Arc<Registry>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 impl AnnHost {
@@ -147,16 +191,27 @@ impl AnnHost {
         self.current.read().expect("lock poisoned").clone()
     }
 
-    pub fn check_admin(&self, token: Option<&str>) -> Result<(), AnnError> {
-        match &self.cfg.admin_token {
-            None => Err(AnnError::AdminDisabled),
-            Some(want) if token == Some(want.as_str()) => Ok(()),
-            Some(_) => Err(AnnError::BadToken),
-        }
-    }
-
-    /// Loads the configured (or newest published) version.
+    /// The version to start on: the configured one; else the one this host last served (its
+    /// rollback stack restored with it); else the newest published.
     pub async fn load_initial(&self) -> Result<ModelVersion, AnnError> {
+        if self.cfg.version.is_none() {
+            if let Some(state) = self.read_state() {
+                // The rollback stack goes back first, so no metadata answer shows the resumed
+                // version without it.
+                *self.history.lock().expect("lock poisoned") = state.history;
+                match self.load(state.serving).await {
+                    Ok(_) => {
+                        self.persist();
+                        tracing::info!(version = %state.serving, "resumed the version this host served before the restart");
+                        return Ok(state.serving);
+                    }
+                    Err(e) => {
+                        self.history.lock().expect("lock poisoned").clear();
+                        tracing::error!(error = %e, version = %state.serving, "cannot resume the version served before the restart; loading the newest")
+                    }
+                }
+            }
+        }
         let version = match self.cfg.version {
             Some(v) => v,
             None => tandem_artifact::newest_version(
@@ -187,7 +242,71 @@ impl AnnHost {
         if let Some(p) = previous {
             self.history.lock().expect("lock poisoned").push(p);
         }
+        self.persist();
         Ok(previous)
+    }
+
+    fn read_state(&self) -> Option<HostState> {
+        let path = self.cfg.state_path();
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice::<HostState>(&bytes) {
+            Ok(s) if s.model == self.cfg.model => Some(s),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable host state file");
+                None
+            }
+        }
+    }
+
+    /// Records what this host serves (state file, atomically) and pins it and its rollback
+    /// target in the registry. Best effort: a read-only store is logged, not fatal.
+    fn persist(&self) {
+        let Some(serving) = self.serving().map(|s| s.version) else {
+            return;
+        };
+        let history = self.history.lock().expect("lock poisoned").clone();
+        let state = HostState {
+            model: self.cfg.model.clone(),
+            serving,
+            history: history.clone(),
+        };
+        let path = self.cfg.state_path();
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                tandem_artifact::write_atomic(
+                    &path,
+                    &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the host state; a restart will load the newest version");
+        }
+        let keep: Vec<ModelVersion> = [Some(serving), history.last().copied()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let holder = format!("ann-host-{}", self.cfg.host_id);
+        let pins = tandem_registry::LocalFs::new(&self.cfg.artifacts);
+        let result = (|| -> Result<(), tandem_registry::RegistryError> {
+            use tandem_registry::Storage;
+            for v in &keep {
+                pins.pin(tandem_types::MODELS, &self.cfg.model, *v, &holder)?;
+            }
+            for v in pins.pinned(tandem_types::MODELS, &self.cfg.model)? {
+                if !keep.contains(&v) {
+                    pins.unpin(tandem_types::MODELS, &self.cfg.model, v, &holder)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot pin the served versions");
+        }
     }
 
     /// Goes back to the version served before the current one.
@@ -203,6 +322,7 @@ impl AnnHost {
         let replaced = self.serving().map(|s| s.version);
         self.timed_swap("rollback", target).await?;
         self.history.lock().expect("lock poisoned").pop();
+        self.persist();
         Ok((target, replaced))
     }
 
@@ -231,8 +351,9 @@ impl AnnHost {
     async fn swap_in(&self, version: ModelVersion) -> Result<(), AnnError> {
         let dir = index_dir(&self.cfg.artifacts, &self.cfg.model, version);
         let model = self.cfg.model.clone();
+        let shard = self.cfg.shard;
         let loaded = tokio::task::spawn_blocking(move || {
-            let loaded = tandem_index::artifact::load(&dir)?;
+            let loaded = tandem_index::artifact::load_shard(&dir, shard)?;
             if loaded.manifest.meta.model_name != model
                 || loaded.manifest.meta.model_version != version
             {
@@ -258,7 +379,7 @@ impl AnnHost {
         let serving = Arc::new(Serving {
             index: loaded,
             version,
-            loaded_at_ms: now_ms(),
+            loaded_at_ms: tandem_types::clock::now_unix_ms(),
         });
         // The swap itself: a pointer store under a write lock held for nanoseconds. The old
         // `Arc` is dropped here only if no search still holds it.
@@ -270,33 +391,25 @@ impl AnnHost {
         let s = self.serving().ok_or(AnnError::NotLoaded)?;
         let m = &s.index.manifest.meta;
         Ok(Metadata {
-            versions: m
-                .versions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
+            versions: m.versions.clone(),
             index_id: m.index_id.clone(),
-            item_count: m.item_count,
+            item_count: s.index.items.len() as u64,
             dim: m.dim as u32,
             loaded_at_ms: s.loaded_at_ms,
             model_name: m.model_name.clone(),
             model_version: s.version,
             ann_recall_at_10: m.ann_recall_at_10,
             previous_version: self.history.lock().expect("lock poisoned").last().copied(),
+            shard: s.index.shard,
+            shard_count: m.shard_count(),
         })
     }
 
     pub async fn search(&self, req: SearchRequest) -> Result<SearchResult, AnnError> {
         let serving = self.serving().ok_or(AnnError::NotLoaded)?;
         let meta = &serving.index.manifest.meta;
-        let requested: Option<ModelVersion> = req.model_version.parse().ok();
-        if req.model_version.is_empty() {
-            return Err(AnnError::InvalidArgument(
-                "model_version is required: state the version the embedding came from".into(),
-            ));
-        }
         let mismatch = (!req.model_name.is_empty() && req.model_name != meta.model_name)
-            || requested != Some(serving.version);
+            || req.model_version != serving.version;
         if mismatch && !req.allow_version_mismatch {
             self.metrics.inc(&m::ANN_VERSION_REFUSALS, &[]);
             return Err(AnnError::VersionMismatch {
@@ -328,6 +441,14 @@ impl AnnHost {
                 self.cfg.max_k, req.k
             )));
         }
+        if let Some(ef) = req.ef {
+            if ef == 0 || ef as usize > self.cfg.max_ef {
+                return Err(AnnError::InvalidArgument(format!(
+                    "ef must be in 1..={}, got {ef}",
+                    self.cfg.max_ef
+                )));
+            }
+        }
         let k = req.k as usize;
         let ef = req
             .ef
@@ -339,9 +460,18 @@ impl AnnHost {
             .await
             .map_err(|e| AnnError::Internal(e.to_string()))?;
         Ok(SearchResult {
+            // A score is never non-finite on the wire (the loader refuses non-finite vectors;
+            // this keeps the promise whatever an engine returns).
             items: hits
                 .into_iter()
-                .map(|(row, score)| (serving.index.items[row as usize].clone(), score))
+                .filter(|(_, score)| score.is_finite())
+                .filter_map(|(row, score)| {
+                    serving
+                        .index
+                        .items
+                        .get(row as usize)
+                        .map(|id| (id.clone(), score))
+                })
                 .collect(),
             model_name: meta.model_name.clone(),
             model_version: serving.version,

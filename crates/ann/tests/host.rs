@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_server::admin::AdminToken;
 
 use tandem_ann::{serve, AnnConfig, AnnHost};
 use tandem_index::artifact::{publish, IndexManifest, INDEX_FILE};
@@ -37,6 +38,8 @@ fn publish_version(root: &Path, version: u64) {
         recall_queries: 0,
         recall_query_source: "test".into(),
         feature_schema_hash: String::new(),
+        shards: 0,
+        shard_items: Vec::new(),
     };
     publish(root, index.as_ref(), &items, &meta).unwrap();
 }
@@ -59,16 +62,24 @@ async fn start(root: &Path, version: Option<u64>) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let host = Arc::new(AnnHost::new(AnnConfig {
-        artifacts: root.to_path_buf(),
-        model: "m".into(),
         version: version.map(ModelVersion),
-        admin_token: Some(TOKEN.into()),
+        admin_token: Some(AdminToken::new(TOKEN).unwrap()),
         max_k: 100,
+        // Each host its own name and so its own state file, as `tandem serve ann` names hosts
+        // (hostname-port): with one shared name a host started without a version would resume
+        // what another one recorded instead of loading the newest.
+        host_id: format!("host-{}", addr.port()),
+        ..AnnConfig::new(root.to_path_buf(), "m")
     }));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(host, listener, async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(serve(
+        host,
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+        Default::default(),
+    ));
     let client = AnnSearchClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -450,6 +461,13 @@ async fn the_measurement_only_mismatch_flag_answers_and_names_the_real_version()
         allow_version_mismatch: true,
         ..query("v2")
     };
-    let res = h.client.search(req).await.unwrap().into_inner();
+    // Not for any caller: only a host started for measurement, or an admin.
+    let refused = h.client.search(req.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let mut as_admin = tonic::Request::new(req);
+    as_admin
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let res = h.client.search(as_admin).await.unwrap().into_inner();
     assert_eq!((res.model_version.as_str(), res.items.len()), ("v1", 10));
 }

@@ -205,10 +205,7 @@ where
             .map_err(io_err(&path))?;
         files.insert(file_name, hash_file(&path)?);
     }
-    let created_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default();
+    let created_at = tandem_types::clock::now_unix();
     let mut next = match version {
         Some(v) => v,
         None => next_free(series)?,
@@ -272,8 +269,39 @@ fn next_free(series: &Path) -> Result<ModelVersion> {
     Ok(ModelVersion(max + 1))
 }
 
-/// Opens a published version directory, verifying the manifest checksum and the sha256 and size
-/// of every payload file. The error names the first file that does not match.
+/// A manifest's file entry must be a plain file name inside the version directory: no path
+/// separators, no `..`, nothing hidden behind a symlink, and a regular file.
+fn checked_entry(dir: &Path, file: &str) -> Result<PathBuf> {
+    let plain = !file.is_empty()
+        && file != "."
+        && file != ".."
+        && !file.contains(['/', '\\', '\0'])
+        && !file.starts_with('.');
+    let path = dir.join(file);
+    if !plain {
+        return Err(ArtifactError::InvalidManifest {
+            path: dir.join(MANIFEST_FILE),
+            reason: format!(
+                "file entry {file:?} is not a plain file name inside the version directory"
+            ),
+        });
+    }
+    let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+    if !meta.file_type().is_file() {
+        return Err(ArtifactError::InvalidManifest {
+            path: dir.join(MANIFEST_FILE),
+            reason: format!(
+                "file entry {file:?} is not a regular file (a symlink, device or directory)"
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// Opens a published version directory, verifying the manifest checksum, that the manifest
+/// describes this directory (its name and version match the path), and the sha256 and size of
+/// every payload file (sizes first, so a wrong size is refused without reading the file). The
+/// error names the first file that does not match.
 pub fn open<M: DeserializeOwned>(dir: &Path) -> Result<Manifest<M>> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let checksum_path = dir.join(MANIFEST_CHECKSUM_FILE);
@@ -293,8 +321,17 @@ pub fn open<M: DeserializeOwned>(dir: &Path) -> Result<Manifest<M>> {
             path: manifest_path.clone(),
             reason: e.to_string(),
         })?;
+    check_location(dir, &manifest)?;
     for (file, entry) in &manifest.files {
-        let path = dir.join(file);
+        let path = checked_entry(dir, file)?;
+        let size = fs::metadata(&path).map_err(io_err(&path))?.len();
+        if size != entry.bytes {
+            return Err(ArtifactError::SizeMismatch {
+                path,
+                expected: entry.bytes,
+                actual: size,
+            });
+        }
         let found = hash_file(&path)?;
         if found.bytes != entry.bytes {
             return Err(ArtifactError::SizeMismatch {
@@ -312,6 +349,33 @@ pub fn open<M: DeserializeOwned>(dir: &Path) -> Result<Manifest<M>> {
         }
     }
     Ok(manifest)
+}
+
+/// A version directory named like a version (`…/<name>/vN`) must hold the manifest of exactly
+/// that name and version: a copied directory (`cp -r v1 v3`) is not version 3.
+fn check_location<M>(dir: &Path, manifest: &Manifest<M>) -> Result<()> {
+    let Some(dir_version) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse::<ModelVersion>().ok())
+    else {
+        return Ok(());
+    };
+    let dir_name = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if dir_version != manifest.version || dir_name != manifest.name {
+        return Err(ArtifactError::InvalidManifest {
+            path: dir.join(MANIFEST_FILE),
+            reason: format!(
+                "the manifest is {} {}, but the directory is {dir_name}/{dir_version} (a copied or moved version is refused)",
+                manifest.name, manifest.version
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub fn hash_file(path: &Path) -> Result<FileEntry> {
@@ -346,7 +410,11 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes a single file atomically: temp file in the same directory, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "", which names no directory to sync.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     write_synced(&tmp, bytes)?;

@@ -123,3 +123,114 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }
+
+/// The admin token, given inline or (better: it stays out of `ps`) in a file.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AdminArgs {
+    /// Admin token for LoadVersion/Rollback (`authorization: Bearer <token>`); must not be
+    /// empty.
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", conflicts_with = "admin_token_file")]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (surrounding whitespace ignored).
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The token, if one was given (an empty one is an error).
+    pub fn token(&self) -> Result<Option<tandem_server::AdminToken>> {
+        Ok(match (&self.admin_token, &self.admin_token_file) {
+            (Some(t), _) => Some(tandem_server::AdminToken::new(t)?),
+            (None, Some(f)) => Some(tandem_server::AdminToken::from_file(f)?),
+            (None, None) => None,
+        })
+    }
+
+    /// The token as a client sends it; an error when none was given.
+    pub fn required(&self) -> Result<String> {
+        let raw = match (&self.admin_token, &self.admin_token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+            }
+            (None, None) => {
+                anyhow::bail!("this needs the admin token: --admin-token or --admin-token-file")
+            }
+        };
+        tandem_server::AdminToken::new(&raw)?;
+        Ok(raw.trim().to_string())
+    }
+}
+
+/// TLS for the services a command calls (`https://` addresses).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// CA certificate (PEM) https:// servers must chain to.
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for servers that require mutual TLS.
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// Client options with this TLS configuration (and `admin_token` when given).
+    pub fn options(&self, admin_token: Option<String>) -> Result<tandem_client::ClientOptions> {
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(tandem_client::client_tls(
+                ca,
+                self.tls_cert.as_deref().zip(self.tls_key.as_deref()),
+            )?),
+            None => None,
+        };
+        Ok(tandem_client::ClientOptions {
+            admin_token,
+            tls,
+            ..Default::default()
+        })
+    }
+}
+
+/// How to reach the NATS JetStream engagement stream (when `--events` is a `nats://` URL).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// The JetStream stream of engagement events (created when missing).
+    #[arg(long, env = "TANDEM_STREAM", default_value = "engagements")]
+    pub stream: String,
+    /// Replicas of the stream when this process creates it (3 on a 3-node NATS cluster).
+    #[arg(long, env = "TANDEM_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// How long the server keeps messages when this process creates the stream (90d, 12h).
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    pub stream_max_age: std::time::Duration,
+    /// Token for a NATS server with token authorization (user:password can go in the URL).
+    #[arg(long, env = "TANDEM_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// CA certificate (PEM) the NATS server's certificate chains to (turns TLS on).
+    #[arg(long, env = "TANDEM_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a NATS server that verifies clients.
+    #[arg(long, env = "TANDEM_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    pub fn options(&self, url: &str, client_name: &str) -> tandem_stream::NatsOptions {
+        tandem_stream::NatsOptions {
+            stream: self.stream.clone(),
+            replicas: self.stream_replicas.max(1),
+            max_age: self.stream_max_age,
+            token: self.nats_token.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            client_name: client_name.to_string(),
+            ..tandem_stream::NatsOptions::new(url)
+        }
+    }
+}

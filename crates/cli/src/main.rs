@@ -3,6 +3,8 @@
 
 mod args;
 mod cmd;
+mod hyper;
+mod plot;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,8 @@ enum Command {
     Split(cmd::split::Args),
     /// Train a two-tower model and publish it as a new model version.
     Train(Box<cmd::train::Args>),
+    /// Search hyper-parameters on a validation slice; write the best as TOML for --config.
+    Tune(Box<cmd::tune::Args>),
     /// Evaluate a model (and the baselines) on a temporal split of an event log.
     Eval(cmd::eval::Args),
     /// Recommend top-K items per user as JSONL.
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Split(a) => cmd::split::run(a),
         Command::Train(a) => cmd::train::run(*a),
+        Command::Tune(a) => cmd::tune::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Recommend(a) => cmd::recommend::run(a),
         Command::Index(a) => cmd::index::run(a),
@@ -134,8 +139,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many errors repeat their source's
+/// message in their own ("tcp connect error: tcp connect error: …").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }

@@ -1,94 +1,11 @@
 //! The `tandem` binary end to end: the commands a user or script runs, their outputs, and how
 //! they fail.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = tandem(args);
-    assert!(
-        out.status.success(),
-        "tandem {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Asserts a failure with exactly one line on stderr containing `needle`.
-fn fails_with(args: &[&str], needle: &str) {
-    let out = tandem(args);
-    assert!(!out.status.success(), "tandem {args:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected, got: {err}"
-    );
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn synth(dir: &Path, format: &str) -> PathBuf {
-    let out = dir.join(format!("data-{format}"));
-    let json = ok(&[
-        "synth",
-        "--out",
-        p(&out),
-        "--users",
-        "300",
-        "--items",
-        "400",
-        "--events",
-        "20000",
-        "--format",
-        format,
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v["events"], 20000);
-    out
-}
-
-const SMALL: &[&str] = &[
-    "--epochs",
-    "2",
-    "--dim",
-    "16",
-    "--id-dim",
-    "16",
-    "--hidden",
-    "32",
-    "--history",
-    "10",
-    "--batch-size",
-    "256",
-    "--quiet",
-];
-
-/// Trains a small model on all of `events` (no validation) into `artifacts`.
-fn train_small(events: &Path, artifacts: &Path) {
-    let mut args = vec![
-        "train",
-        "--events",
-        p(events),
-        "--out",
-        p(artifacts),
-        "--protocol",
-        "none",
-    ];
-    args.extend_from_slice(SMALL);
-    ok(&args);
-}
+use common::*;
 
 #[test]
 fn the_pipeline_runs_on_every_input_format() {
@@ -150,7 +67,10 @@ fn the_pipeline_runs_on_every_input_format() {
             .iter()
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, vec!["two-tower", "most-popular", "item-cosine"]);
+        assert_eq!(
+            names,
+            vec!["two-tower", "most-popular", "item-cosine", "ease"]
+        );
         let recall = eval["results"][0]["metrics"]["recall@50"].as_f64().unwrap();
         assert!(recall > 0.0 && recall <= 1.0);
 
@@ -298,7 +218,7 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
             "serve",
             "ann",
             "--artifacts",
-            out,
+            p(dir.path()),
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",
@@ -319,6 +239,72 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
         ],
         "--metrics-listen needs --every",
     );
+}
+
+#[test]
+fn tune_reads_only_the_events_it_is_given_and_its_result_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "csv");
+    // A global split: every test event is later than every train event.
+    let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
+    ok(&[
+        "split",
+        "--events",
+        p(&data.join("events.csv")),
+        "--protocol",
+        "global",
+        "--train-out",
+        p(&train),
+        "--test-out",
+        p(&test),
+    ]);
+    let tuned = dir.path().join("tuned.toml");
+    let mut args = vec![
+        "tune",
+        "--events",
+        p(&train),
+        "--trials",
+        "2",
+        "--budget",
+        "5m",
+        "--out",
+        p(&tuned),
+        "--json",
+    ];
+    args.extend_from_slice(SMALL);
+    let out: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out["trials_file"].as_str().unwrap()).unwrap())
+            .unwrap();
+    let read = |path: &Path| tandem_data::EventLog::read(path, &Default::default()).unwrap();
+    let (train_log, test_log) = (read(&train), read(&test));
+    assert_eq!(record["events"].as_u64().unwrap() as usize, train_log.len());
+    let first_test = test_log.ts.iter().copied().min().unwrap();
+    assert!(
+        record["max_timestamp"].as_i64().unwrap() < first_test,
+        "tune saw an event from the test side"
+    );
+    // Every trial was scored on the validation slice, and the defaults are trial 0.
+    let trials = record["trials"].as_array().unwrap();
+    assert!(trials.iter().any(|t| t["id"] == 0));
+    assert!(trials
+        .iter()
+        .all(|t| t["score"].as_f64().unwrap().is_finite()));
+    // The winner trains through --config.
+    let artifacts = dir.path().join("a");
+    ok(&[
+        "train",
+        "--events",
+        p(&train),
+        "--config",
+        p(&tuned),
+        "--epochs",
+        "1",
+        "--out",
+        p(&artifacts),
+        "--json",
+    ]);
+    assert!(artifacts.join("models/tandem/v1").is_dir());
 }
 
 #[test]
@@ -347,7 +333,7 @@ fn shared_data() -> Option<PathBuf> {
 }
 
 #[test]
-fn on_movielens_100k_the_two_tower_model_beats_both_baselines_on_recall_at_50() {
+fn on_movielens_100k_the_two_tower_model_beats_every_baseline_on_recall_at_50() {
     let Some(data) = shared_data() else {
         eprintln!(
             "SKIPPED: ../shared/data/ml-100k.* is absent (set TANDEM_SHARED_DATA to its folder)"
@@ -393,13 +379,13 @@ fn on_movielens_100k_the_two_tower_model_beats_both_baselines_on_recall_at_50() 
     ]))
     .unwrap();
     let recall = |k: usize| eval["results"][k]["metrics"]["recall@50"].as_f64().unwrap();
-    let (ours, pop, cosine) = (recall(0), recall(1), recall(2));
+    let (ours, pop, cosine, ease) = (recall(0), recall(1), recall(2), recall(3));
     eprintln!(
-        "ml-100k recall@50: two-tower {ours:.4}, most-popular {pop:.4}, item-cosine {cosine:.4}"
+        "ml-100k recall@50: two-tower {ours:.4}, most-popular {pop:.4}, item-cosine {cosine:.4}, EASE {ease:.4}"
     );
     assert!(
-        ours > pop && ours > cosine,
-        "two-tower {ours:.4} vs popularity {pop:.4} / item-cosine {cosine:.4}"
+        ours > pop && ours > cosine && ours > ease,
+        "two-tower {ours:.4} vs popularity {pop:.4} / item-cosine {cosine:.4} / EASE {ease:.4}"
     );
 }
 
@@ -478,7 +464,7 @@ fn index_serve_and_call_an_ann_host_through_the_cli() {
             "--embedding",
             &embedding,
         ],
-        "FailedPrecondition",
+        "FAILED_PRECONDITION",
     );
     fails_with(
         &[
@@ -492,67 +478,9 @@ fn index_serve_and_call_an_ann_host_through_the_cli() {
             "--admin-token",
             "wrong",
         ],
-        "Unauthenticated",
+        "UNAUTHENTICATED",
     );
     drop(server);
-}
-
-/// A `tandem serve …` child process, killed when dropped (also when a test panics).
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tandem serve …` on port 0 and returns it with its address (from its first line).
-fn spawn_server(args: &[&str]) -> (Server, String) {
-    let (server, addr, _) = spawn_service(args, &[]);
-    (server, addr)
-}
-
-/// Polls a `tandem` command until its JSON output satisfies `pred` (bounded).
-fn poll_json(args: &[&str], pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    for _ in 0..400 {
-        let out = tandem(args);
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if pred(&v) {
-                return v;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("condition never held for tandem {args:?}");
-}
-
-/// Trains v1 and v2 (two seeds) on a small synthetic log and indexes both; returns the store.
-fn two_indexed_versions(dir: &Path) -> PathBuf {
-    let data = synth(dir, "csv");
-    let events = data.join("events.csv");
-    let artifacts = dir.join("a");
-    for seed in ["1", "2"] {
-        let mut args = vec![
-            "train",
-            "--events",
-            p(&events),
-            "--out",
-            p(&artifacts),
-            "--protocol",
-            "none",
-            "--seed",
-            seed,
-        ];
-        args.extend_from_slice(SMALL);
-        ok(&args);
-    }
-    for v in ["v1", "v2"] {
-        let model = artifacts.join("models/tandem").join(v);
-        ok(&["index", "--model", p(&model), "--out", p(&artifacts)]);
-    }
-    artifacts
 }
 
 #[test]
@@ -652,7 +580,7 @@ fn rollout_status_and_rollback_drive_real_processes() {
     // Host 1 still has v1 to go back to; without the right token it refuses.
     back[2] = "wrong";
     back[4] = &hosts[1].1;
-    fails_with(&back, "Unauthenticated");
+    fails_with(&back, "UNAUTHENTICATED");
 
     drop(hosts);
     drop(ut);
@@ -729,6 +657,24 @@ fn retrain_once_publishes_then_skips_and_history_reports_and_plots_it() {
         ok(&["history", "--artifacts", p(&artifacts), "--plot", p(&plot)]);
         assert!(std::fs::metadata(&plot).unwrap().len() > 100);
     }
+    // A bare file name (its parent is "") is written in the working directory.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "history",
+            "--artifacts",
+            p(&artifacts),
+            "--plot",
+            "bare.svg",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("bare.svg").is_file());
 
     std::fs::write(&cfg, "[gate]\nmin_detla = 0.1\n").unwrap();
     fails_with(&once, "min_detla");
@@ -757,51 +703,6 @@ fn retrain_once_publishes_then_skips_and_history_reports_and_plots_it() {
         &["retrain", "--every", "soon", "--events", p(&events)],
         "duration",
     );
-}
-
-/// A `tandem serve …` child with extra environment; returns it, its gRPC address and, when it
-/// was started with `--metrics-listen`, its metrics address (its second stderr line).
-fn spawn_service(args: &[&str], env: &[(&str, &str)]) -> (Server, String, Option<String>) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
-    let metrics = args.contains(&"--metrics-listen").then(|| {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("metrics on "), "{line}");
-        line.trim().trim_start_matches("metrics on ").to_string()
-    });
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    (Server(child), addr, metrics)
-}
-
-/// `GET url` over a plain socket (the metrics endpoint speaks HTTP/1.1).
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The value of one sample in a Prometheus exposition (`name{labels}` exactly as rendered).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 mod otlp {

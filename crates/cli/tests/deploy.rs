@@ -180,8 +180,10 @@ fn the_compose_file_parses_and_names_only_real_flags() {
     let doc = &docs(&repo().join("docker-compose.yml"))[0];
     let services = doc["services"].as_mapping().unwrap();
     for name in [
+        "nats",
         "bootstrap",
-        "user-tower",
+        "user-tower-0",
+        "user-tower-1",
         "ann-0",
         "ann-1",
         "ann-2",
@@ -209,5 +211,43 @@ fn every_exported_metric_is_documented_in_the_readme() {
             "README's metrics table lacks {}",
             m.name
         );
+    }
+}
+
+/// Hardening (#14, item 6): no manifest ships a usable admin secret. Compose generates one at
+/// bootstrap into the shared volume; Kubernetes needs a Secret the operator creates.
+#[test]
+fn no_manifest_ships_an_admin_token() {
+    let mut files = vec![repo().join("docker-compose.yml")];
+    for e in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    for f in &files {
+        for doc in docs(f) {
+            let mut tokens = Vec::new();
+            values_of(&doc, "TANDEM_ADMIN_TOKEN", &mut tokens);
+            values_of(&doc, "--admin-token", &mut tokens);
+            assert!(
+                tokens.is_empty(),
+                "{} sets an admin token: {tokens:?}",
+                f.display()
+            );
+            let mut kinds = Vec::new();
+            values_of(&doc, "kind", &mut kinds);
+            assert!(
+                !kinds.iter().any(|k| k.as_str() == Some("Secret")),
+                "{} ships a Secret",
+                f.display()
+            );
+        }
+    }
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    assert!(compose.contains("TANDEM_ADMIN_TOKEN_FILE: /artifacts/secrets/admin-token"));
+    for args in {
+        let mut l = Vec::new();
+        arg_lists(&docs(&repo().join("docker-compose.yml"))[0], &mut l);
+        l
+    } {
+        assert!(!args.iter().any(|a| a == "--admin-token"), "{args:?}");
     }
 }

@@ -422,6 +422,62 @@ impl EventLog {
     }
 }
 
+/// One engagement as services exchange it: the event log's row before interning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub user: String,
+    pub item: String,
+    pub ts: i64,
+    pub action: String,
+    pub weight: f32,
+}
+
+/// The header of an event-log segment; [`encode_rows`] writes the rows under it.
+pub const SEGMENT_HEADER: &[u8] = b"user_id,item_id,timestamp,action,weight\n";
+
+/// `events` as CSV rows (no header) in the segment format: what a segment holds after its
+/// header and what one message of the NATS engagement stream carries.
+pub fn encode_rows(events: &[Event]) -> Result<Vec<u8>> {
+    let err = |e: csv::Error| DataError::Invalid(format!("encoding events: {e}"));
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
+    for e in events {
+        w.write_record([
+            e.user.as_str(),
+            e.item.as_str(),
+            &e.ts.to_string(),
+            e.action.as_str(),
+            &e.weight.to_string(),
+        ])
+        .map_err(err)?;
+    }
+    w.into_inner()
+        .map_err(|e| DataError::Invalid(format!("encoding events: {e}")))
+}
+
+/// Rows as [`encode_rows`] writes them; `has_header` skips a segment's header line. Missing
+/// fields read as empty, a bad timestamp as 0 and a bad weight as 1 (the writer never makes
+/// them; a hand-edited file is not refused here, the trainer's reader validates).
+pub fn decode_rows(bytes: &[u8], has_header: bool) -> Result<Vec<Event>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(has_header)
+        .from_reader(bytes);
+    let mut events = Vec::new();
+    for rec in reader.records() {
+        let rec = rec.map_err(|e| DataError::Invalid(format!("decoding events: {e}")))?;
+        let get = |i: usize| rec.get(i).unwrap_or("").to_string();
+        events.push(Event {
+            user: get(0),
+            item: get(1),
+            ts: get(2).parse().unwrap_or(0),
+            action: get(3),
+            weight: get(4).parse().unwrap_or(1.0),
+        });
+    }
+    Ok(events)
+}
+
 /// The segment files of an event-log directory, in order.
 pub fn segment_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut segs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)

@@ -7,7 +7,9 @@
 //! - [`features`]: feature tables (categorical, multi-valued `a|b`, numeric).
 //! - [`split`]: the per-user and global temporal protocols.
 //! - [`synth`]: `tandem synth`.
+//! - [`drift`]: the drifting scenario anchored at the present (demo, bootstrap, tests).
 
+pub mod drift;
 pub mod events;
 pub mod features;
 pub mod split;

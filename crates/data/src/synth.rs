@@ -25,6 +25,10 @@ pub struct SynthConfig {
     pub drift: f64,
     /// Probability that an event ignores the user's interests (exploration noise).
     pub noise: f64,
+    /// Probability that an event re-engages an item from the user's own past, picked in
+    /// proportion to how often they engaged with it (repeat purchases, as in grocery logs).
+    #[serde(default)]
+    pub repeat: f64,
 }
 
 impl Default for SynthConfig {
@@ -40,6 +44,7 @@ impl Default for SynthConfig {
             zipf: 1.0,
             drift: 0.5,
             noise: 0.1,
+            repeat: 0.0,
         }
     }
 }
@@ -155,6 +160,9 @@ pub fn generate(cfg: &SynthConfig) -> SynthData {
         interests: Vec<(usize, f64)>,
         drift_to: Vec<(usize, f64)>,
         last_topic: Option<usize>,
+        /// Every item engaged with so far, once per engagement (a uniform pick is a pick in
+        /// proportion to frequency).
+        past: Vec<usize>,
     }
     let pick_interests = |rng: &mut ChaCha8Rng| -> Vec<(usize, f64)> {
         let n = rng.random_range(1..=3);
@@ -167,6 +175,7 @@ pub fn generate(cfg: &SynthConfig) -> SynthData {
             interests: pick_interests(&mut rng),
             drift_to: pick_interests(&mut rng),
             last_topic: None,
+            past: Vec::new(),
         })
         .collect();
     let users: Vec<Vec<String>> = states
@@ -216,7 +225,9 @@ pub fn generate(cfg: &SynthConfig) -> SynthData {
     for (ts, u) in pairs {
         let state = &mut states[u as usize];
         let progress = (ts - cfg.start) as f64 / span as f64;
-        let item = if rng.random::<f64>() < cfg.noise {
+        let item = if !state.past.is_empty() && rng.random::<f64>() < cfg.repeat {
+            state.past[rng.random_range(0..state.past.len())]
+        } else if rng.random::<f64>() < cfg.noise {
             global_cdf.sample(&mut rng)
         } else {
             let topic = match state.last_topic {
@@ -251,6 +262,9 @@ pub fn generate(cfg: &SynthConfig) -> SynthData {
                 }
             })
         };
+        if cfg.repeat > 0.0 {
+            state.past.push(item);
+        }
         events.user.push(u);
         events.item.push(item as u32);
         events.ts.push(ts);

@@ -21,24 +21,31 @@
 
 pub mod orchestrator;
 
-pub use orchestrator::{Candidates, HomefeedConfig, HomefeedError, Orchestrator, Pick, SyncMode};
+pub use orchestrator::{
+    Ask, Candidates, HomefeedConfig, HomefeedError, Orchestrator, Pick, SyncMode,
+};
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tandem_proto::homefeed::v1 as pb;
 use tandem_proto::homefeed::v1::homefeed_server::{Homefeed, HomefeedServer};
+use tandem_server::{Server, ServerOptions};
+use tandem_telemetry::Service;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 impl From<HomefeedError> for Status {
     fn from(e: HomefeedError) -> Status {
-        let msg = e.to_string();
+        let msg = tandem_types::error_chain(&e);
         match e {
             HomefeedError::InvalidArgument(_) => Status::invalid_argument(msg),
             HomefeedError::DeadlineExceeded => Status::deadline_exceeded(msg),
             HomefeedError::NoHostAnswered { .. } => Status::unavailable(msg),
-            HomefeedError::UserTower(_) => Status::unavailable(msg),
+            // The user tower's own code travels on (RESOURCE_EXHAUSTED stays a shed request,
+            // UNAVAILABLE an outage), so a caller can tell them apart.
+            HomefeedError::UserTower { code, .. } => Status::new(code, msg),
+            HomefeedError::Address(_) => Status::internal(msg),
         }
     }
 }
@@ -57,7 +64,12 @@ impl Homefeed for HomefeedGrpc {
         let r = req.into_inner();
         let c = self
             .core
-            .get_candidates(&r.user_id, r.k, r.exclude_seen)
+            .get_candidates_after(&orchestrator::Ask {
+                user: &r.user_id,
+                k: r.k,
+                exclude_seen: r.exclude_seen,
+                min_sequence: r.min_sequence,
+            })
             .await?;
         Ok(Response::new(pb::GetCandidatesResponse {
             items: c
@@ -66,26 +78,22 @@ impl Homefeed for HomefeedGrpc {
                 .map(|(item_id, score)| pb::Candidate { item_id, score })
                 .collect(),
             model_name: c.model_name,
-            model_version: c.index_version,
+            model_version: c.index_version.to_string(),
             ann_host: c.host,
             attempts: c.attempts,
-            embedding_version: c.embedding_version,
+            embedding_version: c.embedding_version.to_string(),
         }))
     }
 }
 
-/// Serves the orchestrator on `listener` until `shutdown` resolves.
+/// Serves the orchestrator on `listener` until `shutdown` resolves (the server kit's shutdown
+/// sequence). Health is SERVING from the start: each request finds its own hosts.
 pub async fn serve(
     core: Arc<Orchestrator>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    opts: ServerOptions,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<HomefeedServer<HomefeedGrpc>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor set is valid");
     // The skew gauges are read at scrape time. A weak reference: the registry must not keep
     // the orchestrator alive.
     let weak = Arc::downgrade(&core);
@@ -97,23 +105,31 @@ pub async fn serve(
             }
         })
     }));
-    let metrics = core.metrics().clone();
-    tonic::transport::Server::builder()
-        .layer(tandem_telemetry::RpcLayer::new(
-            tandem_telemetry::Service::Homefeed,
-            metrics,
-        ))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(HomefeedServer::new(HomefeedGrpc { core }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                shutdown.await;
-                reporter
-                    .set_not_serving::<HomefeedServer<HomefeedGrpc>>()
-                    .await;
-            },
-        )
-        .await
+    let server = Server::new(Service::Homefeed, core.metrics().clone(), opts)
+        .add_service(HomefeedServer::new(HomefeedGrpc { core }));
+    server.health().set_serving();
+    server.serve(listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_tower_failure_is_relayed_with_its_own_code_and_cause() {
+        let upstream = tandem_client::ClientError::Rpc {
+            url: "http://ut:7201".into(),
+            status: Status::resource_exhausted("too many requests"),
+        };
+        let s: Status = HomefeedError::UserTower {
+            code: upstream.relay_code(),
+            source: upstream,
+        }
+        .into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "user tower: http://ut:7201: RESOURCE_EXHAUSTED: too many requests"
+        );
+    }
 }

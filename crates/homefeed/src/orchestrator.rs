@@ -5,12 +5,11 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_proto::ann::v1 as ann;
-use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
-use tandem_proto::usertower::v1 as ut;
-use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
+use tandem_client::{
+    AnnClient, ClientError, ClientOptions, EmbedQuery, SearchQuery, UserTowerClient,
+};
 use tandem_telemetry::{catalogue as m, Registry};
-use tonic::transport::{Channel, Endpoint};
+use tandem_types::{error_chain, ModelVersion};
 use tonic::Code;
 use tracing::{field, Instrument};
 
@@ -61,12 +60,37 @@ pub type BetweenHook = Arc<
     dyn Fn(&str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
 >;
 
+/// A failure of the server or the way to it (down, too slow, not ready), not of the request:
+/// another replica or host may answer.
+fn unreachable_or_slow(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        None | Some(Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    )
+}
+
+/// How long a user-tower replica that failed to answer is tried after the others.
+const USER_TOWER_PENALTY: Duration = Duration::from_secs(2);
+
+/// One GetCandidates request.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub user: &'a str,
+    pub k: i32,
+    /// Leave out the items in the user's recent history.
+    pub exclude_seen: bool,
+    /// Embed only from user state that includes this engagement sequence.
+    pub min_sequence: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct HomefeedConfig {
     pub model: String,
     /// ANN host URLs (`http://host:port`).
     pub ann_hosts: Vec<String>,
-    pub user_tower: String,
+    /// User-tower replicas (`http://host:port`); each request starts at the next one and fails
+    /// over to the others.
+    pub user_towers: Vec<String>,
     pub pick: Pick,
     pub sync: SyncMode,
     /// How long a host's version metadata is trusted.
@@ -77,14 +101,16 @@ pub struct HomefeedConfig {
     pub rpc_timeout: Duration,
     pub max_k: i32,
     pub between_embed_and_search: Option<BetweenHook>,
+    /// How the orchestrator connects to the hosts and the user tower (TLS for https://).
+    pub client: ClientOptions,
 }
 
 impl HomefeedConfig {
-    pub fn new(model: &str, ann_hosts: Vec<String>, user_tower: String) -> Self {
+    pub fn new(model: &str, ann_hosts: Vec<String>, user_towers: Vec<String>) -> Self {
         HomefeedConfig {
             model: model.to_string(),
             ann_hosts,
-            user_tower,
+            user_towers,
             pick: Pick::RoundRobin,
             sync: SyncMode::Sync,
             metadata_ttl: Duration::from_millis(500),
@@ -92,6 +118,7 @@ impl HomefeedConfig {
             rpc_timeout: Duration::from_millis(500),
             max_k: 1000,
             between_embed_and_search: None,
+            client: ClientOptions::default(),
         }
     }
 }
@@ -104,8 +131,25 @@ pub enum HomefeedError {
     DeadlineExceeded,
     #[error("no ANN host could answer: {reasons}")]
     NoHostAnswered { reasons: String },
-    #[error("user tower: {0}")]
-    UserTower(String),
+    /// The user tower failed the request; `code` is its status (UNAVAILABLE when it could not
+    /// be reached), which the orchestrator relays.
+    #[error("user tower")]
+    UserTower {
+        code: tonic::Code,
+        #[source]
+        source: ClientError,
+    },
+    #[error("invalid service address")]
+    Address(#[source] ClientError),
+}
+
+impl HomefeedError {
+    fn user_tower(source: ClientError) -> Self {
+        HomefeedError::UserTower {
+            code: source.relay_code(),
+            source,
+        }
+    }
 }
 
 /// An answer: items plus where they came from.
@@ -114,63 +158,62 @@ pub struct Candidates {
     pub items: Vec<(String, f32)>,
     pub model_name: String,
     /// The version of the index that answered.
-    pub index_version: String,
+    pub index_version: ModelVersion,
     /// The version the user embedding came from.
-    pub embedding_version: String,
+    pub embedding_version: ModelVersion,
     pub host: String,
     pub attempts: u32,
 }
 
+mod sharded;
+
 struct Host {
-    url: String,
-    client: AnnSearchClient<Channel>,
-    cached: Mutex<Option<(String, Instant)>>,
+    client: AnnClient,
+    cached: Mutex<Option<(ModelVersion, Instant)>>,
+    /// (shard, shard count) from the host's last metadata.
+    shape: Mutex<Option<(u32, u32)>>,
     in_flight: AtomicU32,
+}
+
+impl Host {
+    fn url(&self) -> &str {
+        self.client.url()
+    }
+
+    fn invalidate(&self) {
+        *self.cached.lock().expect("lock poisoned") = None;
+    }
+}
+
+/// One host and the version it advertised. An embedding is requested for exactly this version,
+/// and the resulting [`Embedded`] can only be searched on this host: a request embedded for one
+/// version and searched on another cannot be written.
+struct Handshake<'a> {
+    host: &'a Host,
+    version: ModelVersion,
+    /// Naive mode only: the host answers even from another version.
+    allow_mismatch: bool,
+}
+
+/// A user embedding bound to the handshake it was made for.
+struct Embedded<'a> {
+    handshake: Handshake<'a>,
+    vector: Vec<f32>,
+    history: Vec<String>,
 }
 
 pub struct Orchestrator {
     cfg: HomefeedConfig,
     hosts: Vec<Host>,
-    user_tower: UserTowerClient<Channel>,
+    user_towers: Vec<UserTowerClient>,
+    /// When each replica last failed to answer: it is tried last for a while after.
+    user_tower_failed: Vec<Mutex<Option<Instant>>>,
     next: AtomicUsize,
-    newest: Mutex<Option<(String, Instant)>>,
+    next_user_tower: AtomicUsize,
+    /// Whether the hosts serve shards ([`sharded::UNKNOWN`] until a host said).
+    sharded: std::sync::atomic::AtomicU8,
+    newest: Mutex<Option<(ModelVersion, Instant)>>,
     metrics: Arc<Registry>,
-}
-
-/// Runs one outgoing RPC in a client span named `name`, with the span's trace context injected
-/// into the request's metadata (so the callee's server span becomes its child).
-async fn traced<T, R, F>(
-    name: &'static str,
-    peer: &str,
-    mut req: tonic::Request<T>,
-    call: impl FnOnce(tonic::Request<T>) -> F,
-) -> Result<R, tonic::Status>
-where
-    F: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-{
-    let span = tracing::info_span!(
-        "rpc.client",
-        otel.name = name,
-        otel.kind = "client",
-        rpc.system = "grpc",
-        tandem.peer = %peer,
-        otel.status_code = field::Empty,
-    );
-    tandem_telemetry::rpc::inject(&span, &mut req);
-    let r = call(req).instrument(span.clone()).await;
-    if r.is_err() {
-        span.record("otel.status_code", "ERROR");
-    }
-    r.map(tonic::Response::into_inner)
-}
-
-fn channel(url: &str) -> Result<Channel, HomefeedError> {
-    // Lazy: a host that is down at start-up is simply tried (and skipped) per request.
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| HomefeedError::InvalidArgument(format!("{url}: {e}")))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_millis(300))
-        .connect_lazy())
 }
 
 fn user_hash(user: &str) -> usize {
@@ -190,19 +233,34 @@ impl Orchestrator {
                 "no ANN hosts configured".into(),
             ));
         }
+        // Lazy channels: a host that is down at start-up is simply tried (and skipped) per
+        // request.
+        let opts = ClientOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..cfg.client.clone()
+        };
         let hosts = cfg
             .ann_hosts
             .iter()
             .map(|u| {
                 Ok(Host {
-                    url: u.clone(),
-                    client: AnnSearchClient::new(channel(u)?),
+                    client: AnnClient::lazy(u, &opts).map_err(HomefeedError::Address)?,
                     cached: Mutex::new(None),
+                    shape: Mutex::new(None),
                     in_flight: AtomicU32::new(0),
                 })
             })
             .collect::<Result<Vec<_>, HomefeedError>>()?;
-        let user_tower = UserTowerClient::new(channel(&cfg.user_tower)?);
+        if cfg.user_towers.is_empty() {
+            return Err(HomefeedError::InvalidArgument(
+                "no user tower configured".into(),
+            ));
+        }
+        let user_towers = cfg
+            .user_towers
+            .iter()
+            .map(|u| UserTowerClient::lazy(u, &opts).map_err(HomefeedError::Address))
+            .collect::<Result<Vec<_>, HomefeedError>>()?;
         let metrics = Registry::new();
         metrics.register(&[
             m::HF_HOSTS_PER_VERSION,
@@ -216,8 +274,11 @@ impl Orchestrator {
         Ok(Orchestrator {
             cfg,
             hosts,
-            user_tower,
+            user_tower_failed: user_towers.iter().map(|_| Mutex::new(None)).collect(),
+            user_towers,
             next: AtomicUsize::new(0),
+            next_user_tower: AtomicUsize::new(0),
+            sharded: std::sync::atomic::AtomicU8::new(sharded::UNKNOWN),
             newest: Mutex::new(None),
             metrics,
         })
@@ -231,20 +292,18 @@ impl Orchestrator {
     /// Each host's served version (`None`: unreachable), asked afresh (the answer also
     /// refreshes the handshake's cache), and the version-skew gauges set from it. Run at every
     /// scrape, so the gauges are current with or without traffic.
-    pub async fn observe_hosts(&self) -> Vec<(String, Option<String>)> {
+    pub async fn observe_hosts(&self) -> Vec<(String, Option<ModelVersion>)> {
         let mut seen = Vec::with_capacity(self.hosts.len());
         // One at a time keeps this simple; a dead host costs at most one RPC timeout, and each
         // host gets a full one.
         for host in &self.hosts {
             let deadline = Instant::now() + self.cfg.rpc_timeout;
             let v = self.fetch_version(host, deadline).await.ok();
-            seen.push((host.url.clone(), v));
+            seen.push((host.url().to_string(), v));
         }
-        let mut per: std::collections::BTreeMap<&str, f64> = Default::default();
-        for (_, v) in &seen {
-            if let Some(v) = v {
-                *per.entry(v.as_str()).or_default() += 1.0;
-            }
+        let mut per: std::collections::BTreeMap<ModelVersion, f64> = Default::default();
+        for v in seen.iter().filter_map(|(_, v)| *v) {
+            *per.entry(v).or_default() += 1.0;
         }
         let unreachable = seen.iter().filter(|(_, v)| v.is_none()).count();
         self.metrics
@@ -281,6 +340,7 @@ impl Orchestrator {
         (0..n).map(|k| (first + k) % n).collect()
     }
 
+    /// The time left for one RPC: the rest of the request's deadline, at most `rpc_timeout`.
     fn remaining(&self, deadline: Instant) -> Result<Duration, HomefeedError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -290,8 +350,8 @@ impl Orchestrator {
     }
 
     /// The host's served version: from the cache while fresh, else asked.
-    async fn host_version(&self, host: &Host, deadline: Instant) -> Result<String, tonic::Status> {
-        if let Some((v, at)) = host.cached.lock().expect("lock poisoned").clone() {
+    async fn host_version(&self, host: &Host, deadline: Instant) -> Result<ModelVersion, Attempt> {
+        if let Some((v, at)) = *host.cached.lock().expect("lock poisoned") {
             if at.elapsed() < self.cfg.metadata_ttl {
                 return Ok(v);
             }
@@ -300,84 +360,46 @@ impl Orchestrator {
     }
 
     /// The host's served version, asked now; the cache is updated with the answer.
-    async fn fetch_version(&self, host: &Host, deadline: Instant) -> Result<String, tonic::Status> {
-        let mut req = tonic::Request::new(ann::GetVersionMetadataRequest {});
-        req.set_timeout(
-            self.remaining(deadline)
-                .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
-        );
-        let mut client = host.client.clone();
-        let meta = traced(
-            "tandem.ann.v1.AnnSearch/GetVersionMetadata",
-            &host.url,
-            req,
-            |r| async move { client.get_version_metadata(r).await },
-        )
-        .await?;
-        let v = meta
-            .versions
-            .get(&self.cfg.model)
-            .cloned()
-            .unwrap_or(meta.model_version);
-        *host.cached.lock().expect("lock poisoned") = Some((v.clone(), Instant::now()));
+    async fn fetch_version(&self, host: &Host, deadline: Instant) -> Result<ModelVersion, Attempt> {
+        let timeout = self.remaining(deadline).map_err(Attempt::Fatal)?;
+        let meta = host.client.metadata(Some(timeout)).await.map_err(|e| {
+            host.invalidate();
+            Attempt::NextHost(format!("metadata: {}", error_chain(&e)))
+        })?;
+        let v = meta.version_of(&self.cfg.model);
+        *host.shape.lock().expect("lock poisoned") = Some((meta.shard, meta.shard_count));
+        if meta.shard_count > 1 {
+            self.sharded.store(sharded::SHARDED, Ordering::Relaxed);
+        }
+        *host.cached.lock().expect("lock poisoned") = Some((v, Instant::now()));
         Ok(v)
     }
 
-    fn invalidate(host: &Host) {
-        *host.cached.lock().expect("lock poisoned") = None;
-    }
-
-    async fn newest_version(&self, deadline: Instant) -> Result<String, HomefeedError> {
-        if let Some((v, at)) = self.newest.lock().expect("lock poisoned").clone() {
+    /// The newest version the user tower serves (naive mode).
+    async fn newest_version(&self, deadline: Instant) -> Result<ModelVersion, HomefeedError> {
+        if let Some((v, at)) = *self.newest.lock().expect("lock poisoned") {
             if at.elapsed() < self.cfg.metadata_ttl {
                 return Ok(v);
             }
         }
-        let mut req = tonic::Request::new(ut::ListVersionsRequest {});
-        req.set_timeout(self.remaining(deadline)?);
-        let mut client = self.user_tower.clone();
-        let list = traced(
-            "tandem.usertower.v1.UserTower/ListVersions",
-            &self.cfg.user_tower,
-            req,
-            |r| async move { client.list_versions(r).await },
-        )
-        .await
-        .map_err(|s| HomefeedError::UserTower(s.message().to_string()))?;
-        let newest = list
-            .versions
-            .iter()
-            .map(|v| v.model_version.clone())
-            .max_by_key(|v| v.trim_start_matches('v').parse::<u64>().unwrap_or(0))
-            .ok_or_else(|| HomefeedError::UserTower("no version loaded".into()))?;
-        *self.newest.lock().expect("lock poisoned") = Some((newest.clone(), Instant::now()));
+        let mut list = Err(HomefeedError::InvalidArgument(
+            "no user tower configured".into(),
+        ));
+        for i in self.user_tower_order() {
+            list = self.user_towers[i]
+                .versions(Some(self.remaining(deadline)?))
+                .await
+                .map_err(HomefeedError::user_tower);
+            if list.is_ok() {
+                break;
+            }
+        }
+        let list = list?;
+        let newest = list.iter().map(|v| v.version).max().ok_or_else(|| {
+            HomefeedError::InvalidArgument("the user tower has no version loaded".into())
+        })?;
+        *self.newest.lock().expect("lock poisoned") = Some((newest, Instant::now()));
         Ok(newest)
-    }
-
-    async fn embed(
-        &self,
-        user: &str,
-        version: &str,
-        deadline: Instant,
-    ) -> Result<ut::EmbedResponse, tonic::Status> {
-        let mut req = tonic::Request::new(ut::EmbedRequest {
-            model_name: self.cfg.model.clone(),
-            model_version: version.to_string(),
-            user_id: user.to_string(),
-            ..Default::default()
-        });
-        req.set_timeout(
-            self.remaining(deadline)
-                .map_err(|_| tonic::Status::deadline_exceeded("request deadline"))?,
-        );
-        let mut client = self.user_tower.clone();
-        traced(
-            "tandem.usertower.v1.UserTower/Embed",
-            &self.cfg.user_tower,
-            req,
-            |r| async move { client.embed(r).await },
-        )
-        .await
     }
 
     pub async fn get_candidates(
@@ -386,8 +408,39 @@ impl Orchestrator {
         k: i32,
         exclude_seen: bool,
     ) -> Result<Candidates, HomefeedError> {
+        self.get_candidates_after(&Ask {
+            user,
+            k,
+            exclude_seen,
+            min_sequence: None,
+        })
+        .await
+    }
+
+    /// The user tower replicas in the order to try them for one request: round-robin, with
+    /// a replica that failed in the last [`USER_TOWER_PENALTY`] moved to the back.
+    fn user_tower_order(&self) -> Vec<usize> {
+        let n = self.user_towers.len();
+        let first = self.next_user_tower.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        order.sort_by_key(|&i| {
+            self.user_tower_failed[i]
+                .lock()
+                .expect("lock poisoned")
+                .is_some_and(|t| t.elapsed() < USER_TOWER_PENALTY)
+        });
+        order
+    }
+
+    pub async fn get_candidates_after(&self, ask: &Ask<'_>) -> Result<Candidates, HomefeedError> {
+        let (user, k) = (ask.user, ask.k);
         if user.is_empty() {
             return Err(HomefeedError::InvalidArgument("user_id is empty".into()));
+        }
+        if user.len() > 256 {
+            return Err(HomefeedError::InvalidArgument(
+                "user_id may be at most 256 bytes".into(),
+            ));
         }
         if k <= 0 || k > self.cfg.max_k {
             return Err(HomefeedError::InvalidArgument(format!(
@@ -403,44 +456,37 @@ impl Orchestrator {
             tandem.results = field::Empty,
             tandem.attempts = field::Empty,
         );
-        let out = self
-            .pick_and_ask(user, k, exclude_seen)
-            .instrument(span.clone())
-            .await;
+        let out = self.pick_and_ask(ask).instrument(span.clone()).await;
         if let Ok(c) = &out {
-            span.record("tandem.model_version", c.index_version.as_str());
+            let version = c.index_version.to_string();
+            span.record("tandem.model_version", version.as_str());
             span.record("tandem.ann_host", c.host.as_str());
             span.record("tandem.results", c.items.len());
             span.record("tandem.attempts", c.attempts);
-            self.metrics
-                .inc(&m::HF_ANSWERS, &[("version", c.index_version.as_str())]);
+            self.metrics.inc(&m::HF_ANSWERS, &[("version", &version)]);
         }
         out
     }
 
-    async fn pick_and_ask(
-        &self,
-        user: &str,
-        k: i32,
-        exclude_seen: bool,
-    ) -> Result<Candidates, HomefeedError> {
+    async fn pick_and_ask(&self, ask: &Ask<'_>) -> Result<Candidates, HomefeedError> {
         let deadline = Instant::now() + self.cfg.deadline;
+        if self.cfg.sync == SyncMode::Sync && self.is_sharded(deadline).await {
+            return self.pick_and_ask_sharded(ask, deadline).await;
+        }
         let mut reasons = Vec::new();
         let mut attempts = 0u32;
-        for h in self.order(user) {
+        for h in self.order(ask.user) {
             let host = &self.hosts[h];
             host.in_flight.fetch_add(1, Ordering::Relaxed);
-            let outcome = self
-                .try_host(host, user, k, exclude_seen, deadline, &mut attempts)
-                .await;
+            let outcome = self.try_host(host, ask, deadline, &mut attempts).await;
             host.in_flight.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Ok(c) => return Ok(c),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::NextHost(why)) => {
-                    tracing::debug!(host = %host.url, reason = %why, "trying another host");
+                    tracing::debug!(host = %host.url(), reason = %why, "trying another host");
                     self.metrics.inc(&m::HF_FAILOVERS, &[]);
-                    reasons.push(format!("{}: {why}", host.url));
+                    reasons.push(format!("{}: {why}", host.url()));
                 }
             }
             if Instant::now() >= deadline {
@@ -452,135 +498,204 @@ impl Orchestrator {
         })
     }
 
-    async fn try_host(
+    /// Step 1–2: which version this host serves (or, in naive mode, the newest one).
+    async fn handshake<'a>(
         &self,
-        host: &Host,
-        user: &str,
+        host: &'a Host,
+        deadline: Instant,
+    ) -> Result<Handshake<'a>, Attempt> {
+        Ok(match self.cfg.sync {
+            SyncMode::Sync => Handshake {
+                host,
+                version: self.host_version(host, deadline).await?,
+                allow_mismatch: false,
+            },
+            SyncMode::Naive => Handshake {
+                host,
+                version: self
+                    .newest_version(deadline)
+                    .await
+                    .map_err(Attempt::Fatal)?,
+                allow_mismatch: true,
+            },
+        })
+    }
+
+    /// Step 3: the user's embedding by exactly the handshake's version, from the first user
+    /// tower replica that answers. A replica that is unreachable, too slow, not ready or
+    /// behind `min_sequence` is passed over for the next; when replicas lack the version (and
+    /// none answered), another ANN host may serve one they have.
+    async fn embed<'a>(
+        &self,
+        hs: Handshake<'a>,
+        ask: &Ask<'_>,
+        deadline: Instant,
+    ) -> Result<Embedded<'a>, Attempt> {
+        let mut lacking = false;
+        let mut failed = None;
+        for i in self.user_tower_order() {
+            let ut = &self.user_towers[i];
+            let timeout = self.remaining(deadline).map_err(Attempt::Fatal)?;
+            let mut q = EmbedQuery::user(ask.user);
+            q.model_name = self.cfg.model.clone();
+            q.min_sequence = ask.min_sequence;
+            match ut.embed(hs.version, q, Some(timeout)).await {
+                Ok(e) => {
+                    return Ok(Embedded {
+                        handshake: hs,
+                        vector: e.vector,
+                        history: e.history,
+                    })
+                }
+                // This replica no longer (or not yet) holds the host's version.
+                Err(e) if e.code() == Some(Code::NotFound) => lacking = true,
+                Err(e) if e.code() == Some(Code::InvalidArgument) => {
+                    return Err(Attempt::Fatal(HomefeedError::InvalidArgument(match &e {
+                        ClientError::Rpc { status, .. } => status.message().to_string(),
+                        other => other.to_string(),
+                    })))
+                }
+                Err(e) if unreachable_or_slow(&e) => {
+                    tracing::debug!(user_tower = %ut.url(), error = %error_chain(&e), "trying another user tower replica");
+                    *self.user_tower_failed[i].lock().expect("lock poisoned") =
+                        Some(Instant::now());
+                    if self.user_towers.len() > 1 {
+                        self.metrics.inc(&m::HF_FAILOVERS, &[]);
+                    }
+                    failed = Some(e);
+                }
+                Err(e) => return Err(Attempt::Fatal(HomefeedError::user_tower(e))),
+            }
+        }
+        if lacking {
+            self.metrics
+                .inc(&m::HF_VERSION_REFUSALS, &[("source", "user_tower")]);
+            return Err(Attempt::NextHost(format!(
+                "user tower lacks {}",
+                hs.version
+            )));
+        }
+        Err(Attempt::Fatal(match failed {
+            Some(e) => HomefeedError::user_tower(e),
+            None => HomefeedError::InvalidArgument("no user tower configured".into()),
+        }))
+    }
+
+    /// Step 4: search the handshake's host, stating the handshake's version.
+    async fn search(
+        &self,
+        e: Embedded<'_>,
         k: i32,
         exclude_seen: bool,
         deadline: Instant,
+        attempts: u32,
+    ) -> Result<Candidates, Searched> {
+        let Embedded {
+            handshake: hs,
+            vector,
+            history,
+        } = e;
+        let seen: HashSet<String> = if exclude_seen {
+            history.into_iter().collect()
+        } else {
+            HashSet::new()
+        };
+        let ask = (k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
+        let (version, found) = self.ask_host(&hs, vector, ask, deadline).await?;
+        let items: Vec<(String, f32)> = found
+            .into_iter()
+            .filter(|(id, _)| !seen.contains(id))
+            .take(k as usize)
+            .collect();
+        Ok(Candidates {
+            items,
+            model_name: self.cfg.model.clone(),
+            index_version: version,
+            embedding_version: hs.version,
+            host: hs.host.url().to_string(),
+            attempts,
+        })
+    }
+
+    /// One Search on the handshake's host for its version: the version that answered and the
+    /// items. A refusal of the version (the host flipped) invalidates the host's cached
+    /// metadata and counts in the refusal metric; so does an unreachable or slow host (the
+    /// cache only); in sync mode an answer from another version is a failure too.
+    async fn ask_host(
+        &self,
+        hs: &Handshake<'_>,
+        embedding: Vec<f32>,
+        k: i32,
+        deadline: Instant,
+    ) -> Result<(ModelVersion, Vec<(String, f32)>), Searched> {
+        let timeout = self
+            .remaining(deadline)
+            .map_err(|e| Searched::Failed(Attempt::Fatal(e)))?;
+        let query = SearchQuery {
+            model_name: self.cfg.model.clone(),
+            version: hs.version,
+            embedding,
+            k,
+            ef: None,
+            allow_version_mismatch: hs.allow_mismatch,
+        };
+        let r = match hs.host.client.search(query, Some(timeout)).await {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(Code::FailedPrecondition) => {
+                hs.host.invalidate();
+                self.metrics
+                    .inc(&m::HF_VERSION_REFUSALS, &[("source", "ann")]);
+                return Err(Searched::Refused(error_chain(&e)));
+            }
+            Err(e) => {
+                if unreachable_or_slow(&e) {
+                    hs.host.invalidate();
+                }
+                return Err(Searched::Failed(Attempt::NextHost(format!(
+                    "search: {}",
+                    error_chain(&e)
+                ))));
+            }
+        };
+        // Belt and braces: in sync mode the host already refused any other version.
+        if !hs.allow_mismatch && r.version != hs.version {
+            hs.host.invalidate();
+            return Err(Searched::Failed(Attempt::NextHost(format!(
+                "answered from {} for a {} embedding",
+                r.version, hs.version
+            ))));
+        }
+        Ok((r.version, r.items))
+    }
+
+    async fn try_host(
+        &self,
+        host: &Host,
+        ask: &Ask<'_>,
+        deadline: Instant,
         attempts: &mut u32,
     ) -> Result<Candidates, Attempt> {
-        let unavailable = |s: &tonic::Status| {
-            matches!(
-                s.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-            )
-        };
         // At most two rounds: the second only after the host refused the version it had just
         // advertised (it flipped between handshake and search).
         for round in 0..2 {
             *attempts += 1;
-            let (embed_version, allow_mismatch) = match self.cfg.sync {
-                SyncMode::Sync => match self.host_version(host, deadline).await {
-                    Ok(v) => (v, false),
-                    Err(s) => {
-                        Self::invalidate(host);
-                        return Err(Attempt::NextHost(format!("metadata: {}", s.message())));
-                    }
-                },
-                SyncMode::Naive => (
-                    self.newest_version(deadline)
-                        .await
-                        .map_err(Attempt::Fatal)?,
-                    true,
-                ),
-            };
-            let embedding = match self.embed(user, &embed_version, deadline).await {
-                Ok(e) => e,
-                // The user tower no longer (or not yet) holds this host's version: another host
-                // may serve one it has.
-                Err(s) if s.code() == Code::NotFound => {
-                    self.metrics
-                        .inc(&m::HF_VERSION_REFUSALS, &[("source", "user_tower")]);
-                    return Err(Attempt::NextHost(format!(
-                        "user tower lacks {embed_version}"
-                    )));
-                }
-                Err(s) if s.code() == Code::InvalidArgument => {
-                    return Err(Attempt::Fatal(HomefeedError::InvalidArgument(
-                        s.message().to_string(),
-                    )))
-                }
-                Err(s) => {
-                    return Err(Attempt::Fatal(HomefeedError::UserTower(
-                        s.message().to_string(),
-                    )))
-                }
-            };
+            let hs = self.handshake(host, deadline).await?;
+            let embedded = self.embed(hs, ask, deadline).await?;
             if let Some(hook) = &self.cfg.between_embed_and_search {
-                hook(&host.url).await;
+                hook(host.url()).await;
             }
-            let seen: HashSet<String> = if exclude_seen {
-                embedding.history.iter().cloned().collect()
-            } else {
-                HashSet::new()
-            };
-            let ask = (k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
-            let mut req = tonic::Request::new(ann::SearchRequest {
-                model_name: self.cfg.model.clone(),
-                model_version: embed_version.clone(),
-                embedding: embedding.embedding,
-                k: ask,
-                ef: None,
-                allow_version_mismatch: allow_mismatch,
-            });
-            req.set_timeout(self.remaining(deadline).map_err(Attempt::Fatal)?);
-            let mut client = host.client.clone();
-            let searched = traced(
-                "tandem.ann.v1.AnnSearch/Search",
-                &host.url,
-                req,
-                |r| async move { client.search(r).await },
-            )
-            .await;
-            match searched {
-                Ok(r) => {
-                    // Belt and braces: in sync mode the host already refused any other version.
-                    if self.cfg.sync == SyncMode::Sync && r.model_version != embed_version {
-                        Self::invalidate(host);
-                        return Err(Attempt::NextHost(format!(
-                            "answered from {} for a {embed_version} embedding",
-                            r.model_version
-                        )));
-                    }
-                    let items: Vec<(String, f32)> = r
-                        .items
-                        .into_iter()
-                        .filter(|i| !seen.contains(&i.item_id))
-                        .take(k as usize)
-                        .map(|i| (i.item_id, i.score))
-                        .collect();
-                    return Ok(Candidates {
-                        items,
-                        model_name: self.cfg.model.clone(),
-                        index_version: r.model_version,
-                        embedding_version: embed_version,
-                        host: host.url.clone(),
-                        attempts: *attempts,
-                    });
+            match self
+                .search(embedded, ask.k, ask.exclude_seen, deadline, *attempts)
+                .await
+            {
+                Ok(c) => return Ok(c),
+                Err(Searched::Failed(a)) => return Err(a),
+                Err(Searched::Refused(why)) if round == 0 => {
+                    tracing::debug!(host = %host.url(), reason = %why, "host switched version; redoing the handshake");
+                    self.metrics.inc(&m::HF_HANDSHAKE_RETRIES, &[]);
                 }
-                Err(s) if s.code() == Code::FailedPrecondition => {
-                    Self::invalidate(host);
-                    self.metrics
-                        .inc(&m::HF_VERSION_REFUSALS, &[("source", "ann")]);
-                    if round == 0 {
-                        self.metrics.inc(&m::HF_HANDSHAKE_RETRIES, &[]);
-                    }
-                    if round == 1 {
-                        return Err(Attempt::NextHost(format!("refused twice: {}", s.message())));
-                    }
-                }
-                Err(s) if unavailable(&s) => {
-                    Self::invalidate(host);
-                    return Err(Attempt::NextHost(format!("search: {}", s.message())));
-                }
-                Err(s) => {
-                    return Err(Attempt::NextHost(format!(
-                        "search: {:?}: {}",
-                        s.code(),
-                        s.message()
-                    )))
+                Err(Searched::Refused(why)) => {
+                    return Err(Attempt::NextHost(format!("refused twice: {why}")))
                 }
             }
         }
@@ -591,4 +706,11 @@ impl Orchestrator {
 enum Attempt {
     NextHost(String),
     Fatal(HomefeedError),
+}
+
+/// How a search failed: the host refused the embedding's version (it flipped since the
+/// handshake; worth one more handshake), or anything else.
+enum Searched {
+    Refused(String),
+    Failed(Attempt),
 }

@@ -2,6 +2,12 @@
 //! bytes), `items.json` (row → item id) and a manifest whose `versions` map (model name → model
 //! version) is generated together with the index. The index version is the model version it was
 //! built from, so "index v3" always means "item tower v3".
+//!
+//! **Shards.** A version built with `shards = S > 1` holds, instead of one index, S of them:
+//! `shard-<i>.bin` and `shard-<i>-items.json` for shard `i`, the items partitioned by
+//! [`shard_of`] (a stable hash of the item id). The S shards are published together as one
+//! version (no host can see some shards of a version and miss others); a host loads one shard
+//! ([`load_shard`]) and so holds 1/S of the catalogue.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +18,7 @@ use tandem_types::ModelVersion;
 
 use crate::{AnnIndex, HnswParams, IndexError, Result};
 
-pub const INDEXES: &str = "indexes";
+pub use tandem_types::INDEXES;
 pub const INDEX_FILE: &str = "index.bin";
 pub const ITEMS_FILE: &str = "items.json";
 
@@ -36,6 +42,38 @@ pub struct IndexManifest {
     /// The model's feature-schema hash, for operators comparing versions.
     #[serde(default)]
     pub feature_schema_hash: String,
+    /// How many shards the catalogue is split into (0 or 1: one index, no shards).
+    #[serde(default)]
+    pub shards: u32,
+    /// Items per shard, when sharded.
+    #[serde(default)]
+    pub shard_items: Vec<u64>,
+}
+
+impl IndexManifest {
+    /// The number of shards, 1 for an unsharded version.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.max(1)
+    }
+}
+
+/// The shard (of `shards`) that item `id` belongs to: FNV-1a of its bytes, stable across
+/// processes, platforms and releases.
+pub fn shard_of(id: &str, shards: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as u32
+}
+
+pub fn shard_index_file(shard: u32) -> String {
+    format!("shard-{shard}.bin")
+}
+
+pub fn shard_items_file(shard: u32) -> String {
+    format!("shard-{shard}-items.json")
 }
 
 pub fn index_dir(root: &Path, model: &str, version: ModelVersion) -> PathBuf {
@@ -71,12 +109,64 @@ pub fn publish(
     )?)
 }
 
-/// A loaded, verified index version.
+/// Publishes a sharded version: `parts[i]` is shard `i` (its index and item ids), every item
+/// in the shard [`shard_of`] says. `meta.shards` must be `parts.len()`.
+pub fn publish_sharded(
+    root: &Path,
+    parts: &[(&dyn AnnIndex, &[String])],
+    meta: &IndexManifest,
+) -> Result<Published> {
+    let s = parts.len() as u32;
+    if s < 2 || meta.shards != s {
+        return Err(IndexError::Invalid(format!(
+            "{} parts for a manifest of {} shards (a sharded version has at least 2)",
+            parts.len(),
+            meta.shards
+        )));
+    }
+    let mut files = Vec::with_capacity(parts.len());
+    for (i, (index, items)) in parts.iter().enumerate() {
+        if items.len() != index.len() {
+            return Err(IndexError::Invalid(format!(
+                "shard {i}: {} item ids for {} vectors",
+                items.len(),
+                index.len()
+            )));
+        }
+        if let Some(bad) = items.iter().find(|id| shard_of(id, s) != i as u32) {
+            return Err(IndexError::Invalid(format!(
+                "item {bad:?} is in shard {i} but hashes to shard {}",
+                shard_of(bad, s)
+            )));
+        }
+        let items_json =
+            serde_json::to_vec(items).map_err(|e| IndexError::Invalid(e.to_string()))?;
+        files.push((i as u32, index.to_bytes(), items_json));
+    }
+    Ok(tandem_artifact::publish(
+        root,
+        INDEXES,
+        &meta.model_name,
+        Some(meta.model_version),
+        meta,
+        |dir| {
+            for (i, bytes, items) in &files {
+                std::fs::write(dir.join(shard_index_file(*i)), bytes).map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(shard_items_file(*i)), items).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        },
+    )?)
+}
+
+/// A loaded, verified index version (or one shard of it).
 pub struct LoadedIndex {
     pub dir: PathBuf,
     pub manifest: Manifest<IndexManifest>,
     pub index: Box<dyn AnnIndex>,
     pub items: Vec<String>,
+    /// Which shard this is (0 for an unsharded version).
+    pub shard: u32,
 }
 
 impl std::fmt::Debug for LoadedIndex {
@@ -88,16 +178,48 @@ impl std::fmt::Debug for LoadedIndex {
     }
 }
 
-/// Loads an index version, refusing it if any file fails its checksum.
+/// Loads an unsharded index version, refusing it if any file fails its checksum.
 pub fn load(dir: &Path) -> Result<LoadedIndex> {
+    load_shard(dir, None)
+}
+
+/// Loads shard `shard` of a sharded version, or (`None`) an unsharded one, refusing it if any
+/// file of the version fails its checksum. Asking an unsharded version for a shard other than
+/// 0, or a sharded one for none, is an error naming what the version holds.
+pub fn load_shard(dir: &Path, shard: Option<u32>) -> Result<LoadedIndex> {
     let manifest: Manifest<IndexManifest> = tandem_artifact::open(dir)?;
     let read = |name: &str| -> Result<Vec<u8>> {
         let path = dir.join(name);
         std::fs::read(&path).map_err(|source| IndexError::Io { path, source })
     };
-    let index = crate::load(&read(INDEX_FILE)?, manifest.meta.params.engine)?;
-    let items: Vec<String> = serde_json::from_slice(&read(ITEMS_FILE)?)
-        .map_err(|e| IndexError::Invalid(format!("{}: {e}", dir.join(ITEMS_FILE).display())))?;
+    let count = manifest.meta.shard_count();
+    let (shard, index_file, items_file) = match (count, shard) {
+        (1, None | Some(0)) => (0, INDEX_FILE.to_string(), ITEMS_FILE.to_string()),
+        (1, Some(s)) => {
+            return Err(IndexError::Invalid(format!(
+                "{}: shard {s} asked for, but this version is not sharded",
+                dir.display()
+            )))
+        }
+        (n, None) => {
+            return Err(IndexError::Invalid(format!(
+                "{}: this version is split into {n} shards; a host serves one (--shard 0..{})",
+                dir.display(),
+                n - 1
+            )))
+        }
+        (n, Some(s)) if s >= n => {
+            return Err(IndexError::Invalid(format!(
+                "{}: shard {s} asked for, but this version has shards 0..{}",
+                dir.display(),
+                n - 1
+            )))
+        }
+        (_, Some(s)) => (s, shard_index_file(s), shard_items_file(s)),
+    };
+    let index = crate::load(&read(&index_file)?, manifest.meta.params.engine)?;
+    let items: Vec<String> = serde_json::from_slice(&read(&items_file)?)
+        .map_err(|e| IndexError::Invalid(format!("{}: {e}", dir.join(&items_file).display())))?;
     if items.len() != index.len() || index.dim() != manifest.meta.dim {
         return Err(IndexError::Invalid(format!(
             "{}: index does not match its manifest",
@@ -109,5 +231,6 @@ pub fn load(dir: &Path) -> Result<LoadedIndex> {
         manifest,
         index,
         items,
+        shard,
     })
 }

@@ -120,16 +120,15 @@ pub fn run(
             std::hint::black_box(index.search(q, 10, ef));
         });
         let qps_all = nq as f64 / t.elapsed().as_secs_f64();
-        lat.sort_by(f64::total_cmp);
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        let [p50, p99] = tandem_types::stats::percentiles(&mut lat, [0.5, 0.99]);
         rows.push(EfRow {
             ef,
             recall_at_10: recall,
             qps_1_thread: qps1,
             qps_all_threads: qps_all,
             threads: rayon::current_num_threads(),
-            p50_us: pct(0.5),
-            p99_us: pct(0.99),
+            p50_us: p50,
+            p99_us: p99,
         });
     }
     Ok(BenchReport {

@@ -450,12 +450,62 @@ impl Hnsw {
             *x = r.u64()? as usize;
         }
         let [dim, m, ef_construction, ef_search, n, entry, max_level] = h;
-        if dim == 0 || m < 2 || (n > 0 && entry >= n) || max_level > 15 {
-            return Err(IndexError::Invalid("corrupt HNSW header".into()));
+        let bad = |field: &str, value: usize, want: &str| {
+            Err(IndexError::Invalid(format!(
+                "corrupt HNSW header: {field} = {value} ({want})"
+            )))
+        };
+        if dim == 0 || dim > MAX_DIM {
+            return bad("dim", dim, &format!("expected 1..={MAX_DIM}"));
+        }
+        if !(2..=MAX_M).contains(&m) {
+            return bad("m", m, &format!("expected 2..={MAX_M}"));
+        }
+        if ef_search == 0 || ef_search > MAX_EF {
+            return bad("ef_search", ef_search, &format!("expected 1..={MAX_EF}"));
+        }
+        if ef_construction > MAX_EF {
+            return bad(
+                "ef_construction",
+                ef_construction,
+                &format!("at most {MAX_EF}"),
+            );
+        }
+        // Every node costs at least its vector: a count the file cannot hold is corrupt (and
+        // must not size an allocation).
+        if n.saturating_mul(dim).saturating_mul(4) > bytes.len() {
+            return bad("n", n, "more vectors than the file holds");
+        }
+        if n > 0 && entry >= n {
+            return bad("entry", entry, &format!("expected < n = {n}"));
+        }
+        if max_level > MAX_LEVEL {
+            return bad("max_level", max_level, &format!("at most {MAX_LEVEL}"));
         }
         let m0 = 2 * m;
         let vectors = r.f32s(n * dim)?;
+        if let Some(i) = vectors.iter().position(|x| !x.is_finite()) {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW body: vector {} holds a non-finite value",
+                i / dim
+            )));
+        }
         let levels = r.take(n)?.to_vec();
+        if let Some((v, &l)) = levels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize > max_level)
+        {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW body: node {v} has level {l} above max_level {max_level}"
+            )));
+        }
+        if n > 0 && levels[entry] as usize != max_level {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW header: max_level {max_level} but the entry point's level is {}",
+                levels[entry]
+            )));
+        }
         let len0: Vec<u16> = r
             .take(n * 2)?
             .chunks_exact(2)
@@ -463,22 +513,43 @@ impl Hnsw {
             .collect();
         let links0 = r.u32s(n * m0)?;
         let mut upper = Vec::with_capacity(n);
-        for &level in &levels {
+        for (v, &level) in levels.iter().enumerate() {
             let mut lists = Vec::with_capacity(level as usize);
-            for _ in 0..level {
+            for layer in 1..=level {
                 let len = r.u32()? as usize;
                 if len > m {
-                    return Err(IndexError::Invalid("corrupt HNSW links".into()));
+                    return Err(IndexError::Invalid(format!(
+                        "corrupt HNSW links: node {v} has {len} neighbours on layer {layer} (at most m = {m})"
+                    )));
                 }
-                lists.push(r.u32s(len)?);
+                let list = r.u32s(len)?;
+                if let Some(&bad) = list.iter().find(|&&u| u as usize >= n) {
+                    return Err(IndexError::Invalid(format!(
+                        "corrupt HNSW links: node {v} links to node {bad} on layer {layer} (n = {n})"
+                    )));
+                }
+                lists.push(list);
             }
             upper.push(lists);
         }
-        if r.pos != bytes.len()
-            || len0.iter().any(|&l| l as usize > m0)
-            || links0.iter().any(|&l| l as usize >= n.max(1))
-        {
-            return Err(IndexError::Invalid("corrupt HNSW body".into()));
+        if r.pos != bytes.len() {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW body: {} trailing bytes",
+                bytes.len() - r.pos
+            )));
+        }
+        if let Some(v) = len0.iter().position(|&l| l as usize > m0) {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW links: node {v} has {} layer-0 neighbours (at most {m0})",
+                len0[v]
+            )));
+        }
+        if let Some(i) = links0.iter().position(|&l| l as usize >= n.max(1)) {
+            return Err(IndexError::Invalid(format!(
+                "corrupt HNSW links: node {} links to node {} on layer 0 (n = {n})",
+                i / m0,
+                links0[i]
+            )));
         }
         Ok(Hnsw {
             dot: crate::simd::select(),
@@ -499,6 +570,13 @@ impl Hnsw {
 }
 
 const MAGIC: &[u8] = b"TANDEM-HNSW-1\0\0\0";
+
+/// Bounds a loaded header must respect (anything beyond is corrupt, and must not size an
+/// allocation or a loop).
+pub const MAX_DIM: usize = 65_536;
+pub const MAX_M: usize = 256;
+pub const MAX_EF: usize = 1 << 16;
+pub const MAX_LEVEL: usize = 15;
 
 struct Reader<'a> {
     bytes: &'a [u8],

@@ -3,24 +3,30 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How the user tower pools the recent engagement sequence.
+/// How the user tower encodes the recent engagement sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Pooling {
+pub enum UserEncoder {
+    /// The mean of the last L items' embeddings, plus the most recent item on its own.
     #[default]
     Mean,
     /// A learned query attends over the sequence (masked softmax).
     Attention,
+    /// A causal self-attention encoder over the last L items (relative positions, time gaps
+    /// between events), trained on every prefix in one pass: each position predicts what
+    /// follows it.
+    Transformer,
 }
 
-impl std::str::FromStr for Pooling {
+impl std::str::FromStr for UserEncoder {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "mean" => Ok(Pooling::Mean),
-            "attention" => Ok(Pooling::Attention),
+            "mean" => Ok(UserEncoder::Mean),
+            "attention" => Ok(UserEncoder::Attention),
+            "transformer" => Ok(UserEncoder::Transformer),
             other => Err(format!(
-                "unknown pooling {other:?} (expected mean or attention)"
+                "unknown user encoder {other:?} (expected mean, attention or transformer)"
             )),
         }
     }
@@ -40,11 +46,20 @@ pub struct ModelConfig {
     pub hidden: usize,
     /// Length L of the recent engagement sequence.
     pub history: usize,
-    pub pooling: Pooling,
+    #[serde(alias = "pooling")]
+    pub user_encoder: UserEncoder,
+    /// Transformer encoder: self-attention blocks and heads per block.
+    pub seq_layers: usize,
+    pub seq_heads: usize,
     /// Cap on values kept for a multi-valued feature.
     pub max_multi: usize,
-    /// Whether the user-id embedding is used (for sparse users it mostly memorises noise).
+    /// Whether the user-id embedding is used (off by default: for users with few events it
+    /// memorises noise; measured in the README).
     pub use_user_id: bool,
+    /// A summary of the longer history beside the recent sequence: the mean embedding of up to
+    /// `long_history` distinct items engaged with before the recent L (0 = none). The serving
+    /// user tower keeps L + `long_history` recent items per user.
+    pub long_history: usize,
 }
 
 impl Default for ModelConfig {
@@ -55,9 +70,12 @@ impl Default for ModelConfig {
             feature_dim: 16,
             hidden: 256,
             history: 50,
-            pooling: Pooling::Mean,
+            user_encoder: UserEncoder::Mean,
+            seq_layers: 2,
+            seq_heads: 2,
             max_multi: 8,
-            use_user_id: true,
+            use_user_id: false,
+            long_history: 0,
         }
     }
 }
@@ -91,11 +109,81 @@ impl std::str::FromStr for LogQ {
     }
 }
 
+/// Which candidates each example's softmax runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Negatives {
+    /// `full` for catalogues up to [`FULL_SOFTMAX_MAX_ITEMS`], `mixed` above.
+    #[default]
+    Auto,
+    /// The batch's other positives, logQ-corrected.
+    InBatch,
+    /// In-batch plus `uniform_negatives` uniformly sampled corpus items, each corrected.
+    Mixed,
+    /// Every catalogue item: the exact softmax, no sampling and no correction.
+    Full,
+}
+
+/// Above this many items `auto` negatives are `mixed` instead of `full` (see the README for the
+/// measured cost of a full-softmax step).
+pub const FULL_SOFTMAX_MAX_ITEMS: usize = 10_000;
+
+impl Negatives {
+    /// The concrete choice for a catalogue of `items`.
+    pub fn resolve(self, items: usize) -> Negatives {
+        match self {
+            Negatives::Auto if items <= FULL_SOFTMAX_MAX_ITEMS => Negatives::Full,
+            Negatives::Auto => Negatives::Mixed,
+            n => n,
+        }
+    }
+}
+
+impl std::str::FromStr for Negatives {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Negatives::Auto),
+            "in-batch" => Ok(Negatives::InBatch),
+            "mixed" => Ok(Negatives::Mixed),
+            "full" => Ok(Negatives::Full),
+            other => Err(format!(
+                "unknown negatives {other:?} (expected auto, in-batch, mixed or full)"
+            )),
+        }
+    }
+}
+
+/// Which events are training targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Targets {
+    /// Every event.
+    All,
+    /// Only a user's first engagement with each item (repeats stay in the history): the model
+    /// learns what a user will discover next, which is what retrieval with seen items excluded
+    /// is judged on.
+    #[default]
+    New,
+}
+
+impl std::str::FromStr for Targets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Targets::All),
+            "new" => Ok(Targets::New),
+            other => Err(format!("unknown targets {other:?} (expected all or new)")),
+        }
+    }
+}
+
 /// Training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
     pub epochs: usize,
+    /// Examples per step; 0 = auto (about 250 steps per epoch, a power of two in 64..=1024).
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
@@ -103,14 +191,29 @@ pub struct TrainConfig {
     pub temperature: f64,
     pub learn_temperature: bool,
     pub logq: LogQ,
-    /// Uniformly sampled corpus negatives per batch, shared by all rows (0 = in-batch only).
+    /// Which candidates the softmax runs over.
+    pub negatives: Negatives,
+    /// Uniformly sampled corpus negatives per batch, shared by all rows (`mixed` only).
     pub uniform_negatives: usize,
+    /// Leave the items a user engaged with before an example out of that example's negatives.
+    pub mask_seen: bool,
+    pub targets: Targets,
+    /// Each example's target is drawn from the user's next `target_window` events (1: the next
+    /// event only; 0 = auto, a fifth of the median user's events in 1..=20), so the user
+    /// embedding learns what the user will engage with over a stretch of future, not just next.
+    pub target_window: usize,
+    /// Dropout on the towers' MLP inputs while training.
+    pub dropout: f64,
+    /// After early stopping chose the epoch count on the validation slice, train again from
+    /// scratch on every event for that many epochs and publish that model.
+    pub refit: bool,
     /// Probability of replacing an id by the out-of-vocabulary id during training, so the OOV
     /// embeddings learn a generic cold-start representation.
     pub id_dropout: f64,
     /// Stop after this many epochs without a better validation score.
     pub patience: usize,
-    /// The validation metric early stopping maximises (e.g. `recall@50`).
+    /// The validation metric early stopping maximises: a metric name (`recall@50`) or a sum of
+    /// them (`recall@50+ndcg@10`).
     pub early_stopping_metric: String,
     /// Cap on validation users scored per epoch (a seeded sample).
     pub max_validation_users: usize,
@@ -121,16 +224,22 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             epochs: 30,
-            batch_size: 1024,
+            batch_size: 0,
             lr: 2e-3,
             weight_decay: 1e-5,
             temperature: 0.05,
             learn_temperature: false,
             logq: LogQ::Exact,
-            uniform_negatives: 0,
+            negatives: Negatives::Auto,
+            uniform_negatives: 1024,
+            mask_seen: true,
+            targets: Targets::New,
+            target_window: 0,
+            dropout: 0.3,
+            refit: true,
             id_dropout: 0.05,
             patience: 3,
-            early_stopping_metric: "recall@50".into(),
+            early_stopping_metric: "recall@50+ndcg@10".into(),
             max_validation_users: 3000,
             seed: 1,
         }

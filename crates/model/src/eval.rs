@@ -18,6 +18,8 @@ pub struct EvalSet {
     pub truth: Vec<Vec<u32>>,
     /// Train items of each evaluated user in time order.
     pub history: Vec<Vec<u32>>,
+    /// When each of them happened (aligned with `history`; may be empty when unknown).
+    pub history_ts: Vec<Vec<i64>>,
     /// Timestamp of each evaluated user's last train event (the request time).
     pub last_ts: Vec<i64>,
     /// Train items of every user (by log user index), time order, for the baselines.
@@ -31,10 +33,12 @@ impl EvalSet {
     pub fn new(log: &EventLog, split: &Split) -> EvalSet {
         let truth_map = split.ground_truth(log);
         let mut train_by_user: Vec<Vec<u32>> = vec![Vec::new(); log.users.len()];
+        let mut train_ts: Vec<Vec<i64>> = vec![Vec::new(); log.users.len()];
         let mut last_ts = vec![i64::MIN; log.users.len()];
         for &e in &split.train {
             let e = e as usize;
             train_by_user[log.user[e] as usize].push(log.item[e]);
+            train_ts[log.user[e] as usize].push(log.ts[e]);
             last_ts[log.user[e] as usize] = log.ts[e];
         }
         let mut popularity = vec![0u32; log.items.len()];
@@ -51,6 +55,10 @@ impl EvalSet {
             history: users
                 .iter()
                 .map(|&u| train_by_user[u as usize].clone())
+                .collect(),
+            history_ts: users
+                .iter()
+                .map(|&u| std::mem::take(&mut train_ts[u as usize]))
                 .collect(),
             last_ts: users
                 .iter()
@@ -87,6 +95,12 @@ impl EvalSet {
             .iter()
             .map(|&k| std::mem::take(&mut self.history[k]))
             .collect();
+        if !self.history_ts.is_empty() {
+            self.history_ts = keep
+                .iter()
+                .map(|&k| std::mem::take(&mut self.history_ts[k]))
+                .collect();
+        }
         self.last_ts = keep.iter().map(|&k| self.last_ts[k]).collect();
         self
     }
@@ -386,6 +400,11 @@ impl Recommender for ModelRanker<'_> {
                         .rev()
                         .map(|&i| to_model[i as usize])
                         .collect(),
+                    history_ts: set
+                        .history_ts
+                        .get(u)
+                        .map(|t| t.iter().rev().copied().collect())
+                        .unwrap_or_default(),
                     ts: set.last_ts[u],
                     features: None,
                 })
@@ -416,6 +435,7 @@ mod tests {
             users: vec![0, 1],
             truth: vec![vec![2, 4], vec![5]],
             history: vec![vec![0], vec![1]],
+            history_ts: Vec::new(),
             last_ts: vec![0, 0],
             train_by_user: vec![vec![0, 1, 2], vec![0, 1, 3], vec![0, 2, 4]],
             popularity: vec![3, 2, 2, 1, 1, 0],

@@ -3,9 +3,12 @@
 //! evaluation against honest baselines, and their versioned on-disk form.
 //!
 //! - [`config`]: architecture and training hyper-parameters.
+//! - [`bench`]: the training-speed benchmark.
+//! - [`ease`]: the EASE baseline (closed form, λ chosen on a validation slice).
 //! - [`encode`]: vocabularies and feature encoding.
 //! - [`params`]: seeded initialisation and sparse embedding tables (lazy AdamW).
 //! - [`towers`]: the user and item towers.
+//! - [`sequence`]: the transformer user encoder (causal self-attention, relative positions).
 //! - [`loss`]: the corrected sampled-softmax loss.
 //! - [`logq`]: item-frequency estimators (exact, count-min, step-gap).
 //! - [`train`]: the training loop with early stopping.
@@ -13,7 +16,9 @@
 //! - [`model`]: inference models, save and load.
 //! - [`publish`]: writing a trained model as an artifact version.
 
+pub mod bench;
 pub mod config;
+pub mod ease;
 pub mod encode;
 pub mod eval;
 pub mod logq;
@@ -21,10 +26,11 @@ pub mod loss;
 pub mod model;
 pub mod params;
 pub mod publish;
+pub mod sequence;
 pub mod towers;
 pub mod train;
 
-pub use config::{LogQ, ModelConfig, Pooling, TrainConfig};
+pub use config::{LogQ, ModelConfig, TrainConfig, UserEncoder};
 pub use model::{ItemModel, TwoTower, UserModel, UserRequest};
 
 #[derive(Debug, thiserror::Error)]

@@ -9,46 +9,29 @@
 //! candidates, `N/|corpus|` for uniform ones). Without the correction popular items are
 //! over-represented as negatives and the model learns popularity instead of relevance.
 //! A candidate that is the same item as row `r`'s positive ("accidental hit") is masked out of
-//! row `r`'s softmax, except in its own label column.
+//! row `r`'s softmax, except in its own label column, and so (optionally) is every item the
+//! row's user engaged with before the example: retrieval excludes seen items, so training should
+//! not spend effort pushing them down.
+//!
+//! [`full_softmax_loss`] is the exact softmax over the whole catalogue (no sampling, so no
+//! correction): the strongest training signal where scoring every item per step is affordable.
 
 use candle_core::{Result, Tensor, D};
 
 /// Value added to masked logits.
 const MASKED: f32 = -1e9;
 
-/// Weighted mean cross-entropy of the corrected logits.
-///
-/// - `users`: `(B, d)`; `cands`: `(C, d)` with `C ≥ B`; `inv_tau`: a scalar tensor (1/τ);
-/// - `log_q`: `C` corrections; `targets`: the `B` positive item ids; `cand_ids`: the `C` item ids;
-/// - `weights`: optional per-row example weights.
-pub fn sampled_softmax_loss(
-    users: &Tensor,
-    cands: &Tensor,
-    inv_tau: &Tensor,
-    log_q: &[f32],
-    targets: &[u32],
-    cand_ids: &[u32],
-    weights: Option<&[f32]>,
-) -> Result<Tensor> {
-    let b = targets.len();
-    let c = cand_ids.len();
-    let dev = users.device();
-    let mut bias = vec![0f32; b * c];
-    for r in 0..b {
-        for j in 0..c {
-            bias[r * c + j] = if j != r && cand_ids[j] == targets[r] {
-                MASKED
-            } else {
-                -log_q[j]
-            };
-        }
-    }
-    let logits = users
-        .matmul(&cands.t()?)?
-        .broadcast_mul(inv_tau)?
-        .add(&Tensor::from_vec(bias, (b, c), dev)?)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let labels = Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), (b, 1), dev)?;
+/// Whether `item` is in the sorted list `seen`.
+fn in_sorted(seen: &[u32], item: u32) -> bool {
+    seen.binary_search(&item).is_ok()
+}
+
+/// Weighted mean of `−log softmax(logits)[r, labels[r]]` over the rows.
+fn cross_entropy(logits: &Tensor, labels: Vec<u32>, weights: Option<&[f32]>) -> Result<Tensor> {
+    let b = labels.len();
+    let dev = logits.device();
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let labels = Tensor::from_vec(labels, (b, 1), dev)?;
     let picked = log_probs.gather(&labels, 1)?.squeeze(1)?;
     match weights {
         None => picked.mean_all()?.neg(),
@@ -58,6 +41,75 @@ pub fn sampled_softmax_loss(
             (picked * w)?.sum_all()?.neg()? / total as f64
         }
     }
+}
+
+/// Weighted mean cross-entropy of the corrected logits.
+///
+/// - `users`: `(B, d)`; `cands`: `(C, d)` with `C ≥ B`; `inv_tau`: a scalar tensor (1/τ);
+/// - `log_q`: `C` corrections; `targets`: the `B` positive item ids; `cand_ids`: the `C` item ids;
+/// - `weights`: optional per-row example weights;
+/// - `seen`: optional per-row sorted item ids the row's user engaged with before the example,
+///   left out of that row's negatives.
+#[allow(clippy::too_many_arguments)]
+pub fn sampled_softmax_loss(
+    users: &Tensor,
+    cands: &Tensor,
+    inv_tau: &Tensor,
+    log_q: &[f32],
+    targets: &[u32],
+    cand_ids: &[u32],
+    weights: Option<&[f32]>,
+    seen: Option<&[Vec<u32>]>,
+) -> Result<Tensor> {
+    let b = targets.len();
+    let c = cand_ids.len();
+    let dev = users.device();
+    let mut bias = vec![0f32; b * c];
+    for r in 0..b {
+        let row_seen: &[u32] = seen.map_or(&[], |s| &s[r]);
+        for j in 0..c {
+            let masked = j != r && (cand_ids[j] == targets[r] || in_sorted(row_seen, cand_ids[j]));
+            bias[r * c + j] = if masked { MASKED } else { -log_q[j] };
+        }
+    }
+    let logits = users
+        .matmul(&cands.t()?)?
+        .broadcast_mul(inv_tau)?
+        .add(&Tensor::from_vec(bias, (b, c), dev)?)?;
+    cross_entropy(&logits, (0..b as u32).collect(), weights)
+}
+
+/// The exact softmax over the whole catalogue: `items` is `(N, d)` with row `i` the embedding of
+/// item id `i`; row 0 (the out-of-vocabulary item) is never a candidate. No sampling, so no
+/// correction. `seen` as in [`sampled_softmax_loss`] (a row's own target is never masked).
+pub fn full_softmax_loss(
+    users: &Tensor,
+    items: &Tensor,
+    inv_tau: &Tensor,
+    targets: &[u32],
+    weights: Option<&[f32]>,
+    seen: Option<&[Vec<u32>]>,
+) -> Result<Tensor> {
+    let b = targets.len();
+    let n = items.dim(0)?;
+    let dev = users.device();
+    let mut bias = vec![0f32; b * n];
+    for r in 0..b {
+        let row = &mut bias[r * n..(r + 1) * n];
+        row[0] = MASKED;
+        if let Some(seen) = seen {
+            for &i in &seen[r] {
+                if i != targets[r] && (i as usize) < n {
+                    row[i as usize] = MASKED;
+                }
+            }
+        }
+    }
+    let logits = users
+        .matmul(&items.t()?)?
+        .broadcast_mul(inv_tau)?
+        .add(&Tensor::from_vec(bias, (b, n), dev)?)?;
+    cross_entropy(&logits, targets.to_vec(), weights)
 }
 
 #[cfg(test)]
@@ -124,9 +176,17 @@ mod tests {
         let ct = Tensor::new(&[[0.8f32, 0.6], [0.0, 1.0], [1.0, 0.0]], &dev).unwrap();
         let inv_tau = Tensor::new(1.0f32 / tau as f32, &dev).unwrap();
         let lq: Vec<f32> = log_q.iter().map(|&x| x as f32).collect();
-        let loss =
-            sampled_softmax_loss(&uv, &ct, &inv_tau, &lq, &[10, 11, 12], &[10, 11, 12], None)
-                .unwrap();
+        let loss = sampled_softmax_loss(
+            &uv,
+            &ct,
+            &inv_tau,
+            &lq,
+            &[10, 11, 12],
+            &[10, 11, 12],
+            None,
+            None,
+        )
+        .unwrap();
         let got = loss.to_scalar::<f32>().unwrap() as f64;
         assert!((got - want_loss).abs() < 1e-5, "loss {got} vs {want_loss}");
         let grads = loss.backward().unwrap();
@@ -154,10 +214,19 @@ mod tests {
         let ut = Tensor::new(&[[1f32, 0.0], [0.6, 0.8], [0.0, 1.0]], &dev).unwrap();
         let ct = Tensor::new(&[[0.8f32, 0.6], [0.0, 1.0], [0.8, 0.6]], &dev).unwrap();
         let one = Tensor::new(1f32, &dev).unwrap();
-        let got = sampled_softmax_loss(&ut, &ct, &one, &[0.0; 3], &[7, 8, 7], &[7, 8, 7], None)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let got = sampled_softmax_loss(
+            &ut,
+            &ct,
+            &one,
+            &[0.0; 3],
+            &[7, 8, 7],
+            &[7, 8, 7],
+            None,
+            None,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         let (unmasked, _) = by_hand(&u, &c, 1.0, &[0.0; 3], &[[false; 3]; 3]);
         assert!((got - unmasked).abs() > 1e-3);
@@ -180,6 +249,7 @@ mod tests {
                 &[1, 2, 3, 4],
                 &[1, 2, 3, 4],
                 Some(&[1.0, 2.0, 1.0, 0.5]),
+                None,
             )
             .unwrap()
             .to_scalar::<f32>()
@@ -194,6 +264,7 @@ mod tests {
             &[1, 2, 3, 4],
             &[1, 2, 3, 4],
             Some(&[1.0, 2.0, 1.0, 0.5]),
+            None,
         )
         .unwrap();
         let g = loss
@@ -216,5 +287,95 @@ mod tests {
                 g[k]
             );
         }
+    }
+
+    #[test]
+    fn the_full_softmax_loss_and_gradient_match_a_hand_worked_example() {
+        // Items 0 (OOV, never a candidate), 1, 2, 3; two users; user 1 has seen item 3.
+        let dev = Device::Cpu;
+        let items = [[9.0f64, 9.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]];
+        let users = [[0.6f64, 0.8], [1.0, 0.0]];
+        let targets = [2u32, 1];
+        let inv_tau = 2.0f64;
+        let mut want_loss = 0.0;
+        let mut want_grad = [[0.0f64; 2]; 2];
+        for r in 0..2 {
+            let cands: Vec<usize> = if r == 1 { vec![1, 2] } else { vec![1, 2, 3] };
+            let logit =
+                |j: usize| inv_tau * (users[r][0] * items[j][0] + users[r][1] * items[j][1]);
+            let z: f64 = cands.iter().map(|&j| logit(j).exp()).sum();
+            want_loss += -(logit(targets[r] as usize) - z.ln()) / 2.0;
+            for &j in &cands {
+                let p = logit(j).exp() / z;
+                let coeff = (p - (j == targets[r] as usize) as u8 as f64) * inv_tau / 2.0;
+                want_grad[r][0] += coeff * items[j][0];
+                want_grad[r][1] += coeff * items[j][1];
+            }
+        }
+        // Row 0 worked on paper: logits (1.2, 1.6, 2.0) for items 1..3, target item 2:
+        // ln(3.3201 + 4.9530 + 7.3891) − 1.6 = 2.7513 − 1.6 = 1.1513.
+        let row0 = (1.2f64.exp() + 1.6f64.exp() + 2.0f64.exp()).ln() - 1.6;
+        assert!((row0 - 1.1513).abs() < 1e-4, "{row0}");
+
+        let u =
+            Var::from_tensor(&Tensor::new(&[[0.6f32, 0.8], [1.0, 0.0]], &dev).unwrap()).unwrap();
+        let it = Tensor::new(&[[9f32, 9.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], &dev).unwrap();
+        let seen = vec![vec![], vec![3u32]];
+        let loss = full_softmax_loss(
+            &u,
+            &it,
+            &Tensor::new(inv_tau as f32, &dev).unwrap(),
+            &targets,
+            None,
+            Some(&seen),
+        )
+        .unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want_loss).abs() < 1e-5, "loss {got} vs {want_loss}");
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(&u)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for r in 0..2 {
+            for d in 0..2 {
+                assert!(
+                    (g[r][d] as f64 - want_grad[r][d]).abs() < 1e-5,
+                    "grad[{r}][{d}]"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn seen_items_leave_the_sampled_softmax_but_a_row_keeps_its_own_positive() {
+        let dev = Device::Cpu;
+        let u = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]];
+        let c = [[0.8, 0.6], [0.0, 1.0], [0.6, 0.8]];
+        // Row 1's user has seen items 7 and 9 (the other rows' positives).
+        let mut mask = [[false; 3]; 3];
+        mask[1][0] = true;
+        mask[1][2] = true;
+        let (want, _) = by_hand(&u, &c, 1.0, &[0.0; 3], &mask);
+        let ut = Tensor::new(&[[1f32, 0.0], [0.6, 0.8], [0.0, 1.0]], &dev).unwrap();
+        let ct = Tensor::new(&[[0.8f32, 0.6], [0.0, 1.0], [0.6, 0.8]], &dev).unwrap();
+        let one = Tensor::new(1f32, &dev).unwrap();
+        let seen = vec![vec![], vec![7u32, 8, 9], vec![]];
+        let got = sampled_softmax_loss(
+            &ut,
+            &ct,
+            &one,
+            &[0.0; 3],
+            &[7, 8, 9],
+            &[7, 8, 9],
+            None,
+            Some(&seen),
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 }

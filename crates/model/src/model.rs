@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use tandem_artifact::Manifest;
 use tandem_types::ModelManifest;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, UserEncoder};
 use crate::encode::EntityVocab;
 use crate::params::Table;
+use crate::sequence::{gap_bucket, Block, LayerNorm, SeqEncoder};
 use crate::towers::{
     context, ItemInput, ItemTables, ItemTower, Linear, Mlp, UserInput, UserTables, UserTower,
 };
@@ -57,20 +58,76 @@ pub struct TwoTower {
 }
 
 /// One user-embedding request: history as item ids of this version, most recent first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct UserRequest<'a> {
     pub user: &'a str,
     pub history: Vec<u32>,
+    /// When each history item was engaged with (unix seconds, aligned with `history`); empty
+    /// when unknown. The transformer encoder reads the gaps between events.
+    pub history_ts: Vec<i64>,
     /// Request time (unix seconds) for the time context.
     pub ts: i64,
     /// Raw profile features overriding the stored profile (cold start from request features).
     pub features: Option<&'a HashMap<String, String>>,
 }
 
+/// Every user's history in a log (see [`UserModel::histories`]).
+pub struct Histories {
+    pub items: Vec<Vec<u32>>,
+    pub times: Vec<Vec<i64>>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct UserVocabFile {
     users: EntityVocab,
     items: Vec<String>,
+}
+
+/// Appends the first `n` distinct non-zero ids of `ids` to `out`, padded with 0 to `n`
+/// (`scratch` is working space, left empty).
+pub(crate) fn push_distinct(
+    out: &mut Vec<u32>,
+    ids: impl Iterator<Item = u32>,
+    n: usize,
+    scratch: &mut std::collections::HashSet<u32>,
+) {
+    let start = out.len();
+    for i in ids {
+        if out.len() - start == n {
+            break;
+        }
+        if i != 0 && scratch.insert(i) {
+            out.push(i);
+        }
+    }
+    scratch.clear();
+    out.resize(start + n, 0);
+}
+
+/// Appends the transformer's window of one request: its last `l` known items oldest first,
+/// left-padded with 0, and their gap buckets (from `history_ts` when given).
+fn push_window(seq: &mut Vec<u32>, gaps: &mut Vec<u32>, r: &UserRequest, l: usize) {
+    let known: Vec<(u32, Option<i64>)> = r
+        .history
+        .iter()
+        .enumerate()
+        .filter(|(_, &i)| i != 0)
+        .map(|(k, &i)| (i, r.history_ts.get(k).copied()))
+        .collect();
+    let n = known.len().min(l);
+    // `known` is most recent first: its first n are the window, the (n+1)-th precedes it.
+    let window: Vec<(u32, Option<i64>)> = known[..n].iter().rev().copied().collect();
+    let before = known.get(n).and_then(|e| e.1);
+    seq.extend(std::iter::repeat_n(0, l - n));
+    gaps.extend(std::iter::repeat_n(0, l - n));
+    for (k, &(item, ts)) in window.iter().enumerate() {
+        seq.push(item);
+        let prev = if k == 0 { before } else { window[k - 1].1 };
+        gaps.push(match (ts, prev) {
+            (Some(t), Some(p)) => gap_bucket(Some(t - p)),
+            _ => gap_bucket(None),
+        });
+    }
 }
 
 impl UserModel {
@@ -107,24 +164,39 @@ impl UserModel {
     }
 
     /// Every user's engaged items in `log` as item ids of this version (time order; items unknown
-    /// to the version are 0 and ignored by [`UserModel::input`]) and the time of their last
-    /// event, indexed by the log's user index.
-    pub fn histories(&self, log: &tandem_data::EventLog) -> (Vec<Vec<u32>>, Vec<i64>) {
-        let mut history: Vec<Vec<u32>> = vec![Vec::new(); log.users.len()];
-        let mut last_ts = vec![0i64; log.users.len()];
+    /// to the version are 0 and ignored by [`UserModel::input`]), with their event times,
+    /// indexed by the log's user index.
+    pub fn histories(&self, log: &tandem_data::EventLog) -> Histories {
+        let n = log.users.len();
+        let mut h = Histories {
+            items: vec![Vec::new(); n],
+            times: vec![Vec::new(); n],
+        };
         for e in log.time_order() {
             let e = e as usize;
             let u = log.user[e] as usize;
-            history[u].push(self.item_id(log.items.name(log.item[e])));
-            last_ts[u] = log.ts[e];
+            h.items[u].push(self.item_id(log.items.name(log.item[e])));
+            h.times[u].push(log.ts[e]);
         }
-        (history, last_ts)
+        h
+    }
+
+    /// The request of log user `u` at the time of their last event (history most recent first).
+    pub fn request_of<'a>(&self, h: &Histories, user: &'a str, u: usize) -> UserRequest<'a> {
+        UserRequest {
+            user,
+            history: h.items[u].iter().rev().copied().collect(),
+            history_ts: h.times[u].iter().rev().copied().collect(),
+            ts: h.times[u].last().copied().unwrap_or(0),
+            features: None,
+        }
     }
 
     /// Encodes requests into one batch. Histories longer than L are cut to the L most recent.
     pub fn input(&self, reqs: &[UserRequest]) -> UserInput {
         let l = self.cfg.history;
         let mut x = UserInput::default();
+        let mut scratch = std::collections::HashSet::new();
         for r in reqs {
             let u = self.users.get(r.user);
             x.users.push(u);
@@ -143,6 +215,17 @@ impl UserModel {
             x.history
                 .extend(r.history.iter().copied().filter(|&i| i != 0).take(l));
             x.history.resize(start + l, 0);
+            if self.cfg.user_encoder == UserEncoder::Transformer {
+                push_window(&mut x.seq, &mut x.seq_gaps, r, l);
+            }
+            if self.cfg.long_history > 0 {
+                push_distinct(
+                    &mut x.long,
+                    r.history.iter().copied().filter(|&i| i != 0).skip(l),
+                    self.cfg.long_history,
+                    &mut scratch,
+                );
+            }
             x.context.extend_from_slice(&context(r.ts));
         }
         x
@@ -167,14 +250,7 @@ impl UserModel {
         let mut vocab: UserVocabFile = read_json(&dir.join(USER_VOCAB_FILE))?;
         vocab.users.reindex();
         let mut t = Tensors::load(&dir.join(USER_TOWER_FILE))?;
-        let tower = UserTower {
-            cfg: cfg.clone(),
-            mlp: t.mlp("user.mlp")?,
-            attn_query: t
-                .take_opt("user.attn_query")
-                .map(|q| Var::from_tensor(&q))
-                .transpose()?,
-        };
+        let tower = t.user_tower(&cfg)?;
         let temperature = t.take("temperature")?.flatten_all()?.to_vec1::<f32>()?[0];
         let tables = [
             t.take("user.id_emb")?,
@@ -307,13 +383,86 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Named tensors of one safetensors file, taken out one by one.
-struct Tensors {
+/// Named tensors of one safetensors file (or of a training snapshot), taken out one by one.
+pub(crate) struct Tensors {
     file: String,
     map: HashMap<String, Tensor>,
 }
 
 impl Tensors {
+    /// Deep copies of `vars` (a training snapshot).
+    pub(crate) fn copies(vars: Vec<(String, Var)>) -> Result<Self> {
+        let map = vars
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        Ok(Tensors {
+            file: "snapshot".into(),
+            map,
+        })
+    }
+
+    fn var(&mut self, name: &str) -> Result<Var> {
+        Ok(Var::from_tensor(&self.take(name)?)?)
+    }
+
+    fn linear(&mut self, prefix: &str) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.var(&format!("{prefix}.weight"))?,
+            bias: self.var(&format!("{prefix}.bias"))?,
+        })
+    }
+
+    fn layer_norm(&mut self, prefix: &str) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            gamma: self.var(&format!("{prefix}.gamma"))?,
+            beta: self.var(&format!("{prefix}.beta"))?,
+        })
+    }
+
+    fn seq_encoder(&mut self, prefix: &str, cfg: &ModelConfig) -> Result<SeqEncoder> {
+        let mut blocks = Vec::new();
+        while self
+            .map
+            .contains_key(&format!("{prefix}.{}.qkv.weight", blocks.len()))
+        {
+            let p = format!("{prefix}.{}", blocks.len());
+            blocks.push(Block {
+                ln1: self.layer_norm(&format!("{p}.ln1"))?,
+                qkv: self.linear(&format!("{p}.qkv"))?,
+                proj: self.linear(&format!("{p}.proj"))?,
+                ln2: self.layer_norm(&format!("{p}.ln2"))?,
+                ff1: self.linear(&format!("{p}.ff1"))?,
+                ff2: self.linear(&format!("{p}.ff2"))?,
+            });
+        }
+        let rel_bias = self.var(&format!("{prefix}.rel_bias"))?;
+        Ok(SeqEncoder {
+            heads: rel_bias.as_tensor().dim(0)?,
+            max_len: cfg.history,
+            gap_emb: self.var(&format!("{prefix}.gap_emb"))?,
+            rel_bias,
+            blocks,
+            ln_f: self.layer_norm(&format!("{prefix}.ln_f"))?,
+        })
+    }
+
+    /// The user tower of `cfg` from its named tensors.
+    pub(crate) fn user_tower(&mut self, cfg: &ModelConfig) -> Result<UserTower> {
+        Ok(UserTower {
+            cfg: cfg.clone(),
+            mlp: self.mlp("user.mlp")?,
+            attn_query: self
+                .take_opt("user.attn_query")
+                .map(|q| Var::from_tensor(&q))
+                .transpose()?,
+            seq: match cfg.user_encoder {
+                UserEncoder::Transformer => Some(self.seq_encoder("user.seq", cfg)?),
+                _ => None,
+            },
+        })
+    }
+
     fn load(path: &Path) -> Result<Self> {
         let map = candle_core::safetensors::load(path, &Device::Cpu)?;
         Ok(Tensors {

@@ -131,6 +131,42 @@ pub enum Table<'a> {
 }
 
 impl Table<'_> {
+    /// The mean embedding of each row of `ids` (`b` rows of `width`, 0 = padding, skipped);
+    /// rows with no id give zeros. On gathered rows this is one `(b × rows) · (rows × d)`
+    /// product with a sparse-in-spirit weight matrix, instead of materialising `b · width`
+    /// embeddings and their gradient.
+    pub fn mean_pool(&self, ids: &[u32], b: usize, width: usize) -> Result<Tensor> {
+        match self {
+            Table::Full(t) => {
+                let d = t.dim(1)?;
+                let emb = self.lookup(ids)?.reshape((b, width, d))?;
+                let mask: Vec<f32> = ids.iter().map(|&i| (i != 0) as u8 as f32).collect();
+                let counts: Vec<f32> = mask
+                    .chunks(width)
+                    .map(|c| c.iter().sum::<f32>().max(1.0))
+                    .collect();
+                let mask = Tensor::from_vec(mask, (b, width, 1), t.device())?;
+                let counts = Tensor::from_vec(counts, (b, 1), t.device())?;
+                emb.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)
+            }
+            Table::Gathered(g) => {
+                let rows = g.rows.len();
+                let mut w = vec![0f32; b * rows];
+                for (r, chunk) in ids.chunks(width).enumerate() {
+                    let n = chunk.iter().filter(|&&i| i != 0).count();
+                    if n == 0 {
+                        continue;
+                    }
+                    let share = 1.0 / n as f32;
+                    for &i in chunk.iter().filter(|&&i| i != 0) {
+                        w[r * rows + g.local[&i] as usize] += share;
+                    }
+                }
+                Tensor::from_vec(w, (b, rows), g.leaf.device())?.matmul(g.leaf.as_tensor())
+            }
+        }
+    }
+
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         match self {
             Table::Full(t) => {
@@ -162,6 +198,22 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         assert_eq!(a, b);
+        // Mean pooling agrees between the two forms (padding skipped, empty rows zero).
+        let pool_ids = [7u32, 2, 0, 0, 0, 0, 9, 9, 2];
+        let pg = Table::Gathered(&t.gather(&pool_ids, &dev).unwrap())
+            .mean_pool(&pool_ids, 3, 3)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let pf = Table::Full(&full)
+            .mean_pool(&pool_ids, 3, 3)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (x, y) in pg.iter().flatten().zip(pf.iter().flatten()) {
+            assert!((x - y).abs() < 1e-6);
+        }
+        assert!(pg[1].iter().all(|&v| v == 0.0));
         let before = t.data.clone();
         let loss = g.lookup(&ids).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();

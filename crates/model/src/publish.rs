@@ -8,8 +8,7 @@ use tandem_types::{ModelManifest, ModelVersion};
 use crate::model::TwoTower;
 use crate::{ModelError, Result};
 
-/// Artifact kind directory of model versions.
-pub const MODELS: &str = "models";
+pub use tandem_types::MODELS;
 
 /// sha256 over the architecture and both feature schemas: equal hashes accept the same inputs.
 pub fn feature_schema_hash(model: &TwoTower) -> String {

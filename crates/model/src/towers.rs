@@ -11,9 +11,10 @@
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{ModelConfig, Pooling};
+use crate::config::{ModelConfig, UserEncoder};
 use crate::encode::FeatureSchema;
 use crate::params::{normal_vec, Table};
+use crate::sequence::{Regularize, SeqEncoder};
 
 /// Width of the time-context vector (hour-of-day and day-of-week as sin/cos).
 pub const CONTEXT_DIM: usize = 4;
@@ -108,18 +109,6 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
-/// Mean over the non-padding (id ≠ 0) positions of `emb: (b, n, d)`; all-padding rows give 0.
-fn masked_mean(emb: &Tensor, ids: &[u32], b: usize, n: usize) -> Result<Tensor> {
-    let mask: Vec<f32> = ids.iter().map(|&i| (i != 0) as u8 as f32).collect();
-    let counts: Vec<f32> = mask
-        .chunks(n)
-        .map(|c| c.iter().sum::<f32>().max(1.0))
-        .collect();
-    let mask = Tensor::from_vec(mask, (b, n, 1), emb.device())?;
-    let counts = Tensor::from_vec(counts, (b, 1), emb.device())?;
-    emb.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)
-}
-
 /// Pools every categorical field of `schema` from `slots` (b × slot_width) into one
 /// `(b, feature_dim)` tensor per field.
 fn pool_fields(
@@ -138,12 +127,10 @@ fn pool_fields(
                     .copied()
             })
             .collect();
-        let emb = table.lookup(&ids)?;
-        let d = emb.dim(1)?;
         let pooled = if f.width == 1 {
-            emb
+            table.lookup(&ids)?
         } else {
-            masked_mean(&emb.reshape((b, f.width, d))?, &ids, b, f.width)?
+            table.mean_pool(&ids, b, f.width)?
         };
         out.push(pooled);
     }
@@ -158,6 +145,13 @@ pub struct UserInput {
     pub numeric: Vec<f32>,
     /// `b × L` item ids, most recent first, 0 = padding.
     pub history: Vec<u32>,
+    /// `b × H` (H = `long_history`) distinct item ids from the history older than the recent
+    /// L, most recent first, 0 = padding; empty when the model has no long-history summary.
+    pub long: Vec<u32>,
+    /// Transformer encoder only: `b × L` the recent items oldest first, left-padded with 0, and
+    /// the gap bucket of each.
+    pub seq: Vec<u32>,
+    pub seq_gaps: Vec<u32>,
     pub context: Vec<f32>,
 }
 
@@ -190,18 +184,48 @@ pub struct UserTables<'a> {
 pub struct UserTower {
     pub cfg: ModelConfig,
     pub mlp: Mlp,
-    /// The learned attention query (attention pooling only).
+    /// The learned attention query (attention encoder only).
     pub attn_query: Option<Var>,
+    /// The causal self-attention encoder (transformer encoder only).
+    pub seq: Option<SeqEncoder>,
 }
 
 pub fn user_input_dim(cfg: &ModelConfig, schema: &FeatureSchema) -> usize {
     let id = if cfg.use_user_id { cfg.id_dim } else { 0 };
     let cats = schema.cat_fields().count() * cfg.feature_dim;
-    id + cats + schema.numeric + 2 * cfg.id_dim + CONTEXT_DIM
+    let long = if cfg.long_history > 0 { cfg.id_dim } else { 0 };
+    let recent = match cfg.user_encoder {
+        UserEncoder::Transformer => cfg.id_dim,
+        UserEncoder::Mean | UserEncoder::Attention => 2 * cfg.id_dim,
+    };
+    id + cats + schema.numeric + recent + long + CONTEXT_DIM
 }
 
 pub fn item_input_dim(cfg: &ModelConfig, schema: &FeatureSchema) -> usize {
     cfg.id_dim + schema.cat_fields().count() * cfg.feature_dim + schema.numeric
+}
+
+/// One-pass training input of the transformer encoder: `b` windows of `L` positions, each
+/// position a row of its own (it predicts what follows it).
+#[derive(Debug, Clone, Default)]
+pub struct WindowInput {
+    pub users: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub numeric: Vec<f32>,
+    /// `b × L` item ids, oldest first, left-padded with 0.
+    pub seq: Vec<u32>,
+    pub seq_gaps: Vec<u32>,
+    /// `b × H` distinct items older than the window (the long-history summary).
+    pub long: Vec<u32>,
+    /// `b × L × CONTEXT_DIM`: each row's time context.
+    pub context: Vec<f32>,
+}
+
+fn device_of(t: &Table) -> Device {
+    match t {
+        Table::Full(t) => t.device().clone(),
+        Table::Gathered(g) => g.leaf.device().clone(),
+    }
 }
 
 impl UserTower {
@@ -212,18 +236,30 @@ impl UserTower {
         dev: &Device,
     ) -> Result<Self> {
         let inp = user_input_dim(cfg, schema);
-        let attn_query = match cfg.pooling {
-            Pooling::Attention => Some(Var::from_tensor(&Tensor::from_vec(
+        let attn_query = match cfg.user_encoder {
+            UserEncoder::Attention => Some(Var::from_tensor(&Tensor::from_vec(
                 normal_vec(rng, cfg.id_dim, (1.0 / cfg.id_dim as f32).sqrt()),
                 (cfg.id_dim, 1),
                 dev,
             )?)?),
-            Pooling::Mean => None,
+            _ => None,
+        };
+        let seq = match cfg.user_encoder {
+            UserEncoder::Transformer => Some(SeqEncoder::new(
+                cfg.id_dim,
+                cfg.seq_heads,
+                cfg.seq_layers,
+                cfg.history,
+                rng,
+                dev,
+            )?),
+            _ => None,
         };
         Ok(UserTower {
             cfg: cfg.clone(),
             mlp: Mlp::new(&[inp, cfg.hidden, cfg.dim], rng, dev)?,
             attn_query,
+            seq,
         })
     }
 
@@ -232,67 +268,161 @@ impl UserTower {
         if let Some(q) = &self.attn_query {
             v.push(("user.attn_query".into(), q.clone()));
         }
+        if let Some(s) = &self.seq {
+            v.extend(s.named_vars("user.seq"));
+        }
         v
     }
 
     pub fn forward(&self, t: &UserTables, schema: &FeatureSchema, x: &UserInput) -> Result<Tensor> {
-        let b = x.len();
-        let l = self.cfg.history;
+        self.head(&self.input(t, schema, x, &mut |x| Ok(x.clone()))?)
+    }
+
+    /// The MLP and the normalisation, on an input from [`UserTower::input`].
+    pub fn head(&self, input: &Tensor) -> Result<Tensor> {
+        l2_normalize(&self.mlp.forward(input)?)
+    }
+
+    /// The per-user parts: id embedding, categorical and numeric features.
+    fn profile(
+        &self,
+        t: &UserTables,
+        schema: &FeatureSchema,
+        users: &[u32],
+        slots: &[u32],
+        numeric: &[f32],
+    ) -> Result<Vec<Tensor>> {
+        let b = users.len();
         let mut parts = Vec::new();
         if self.cfg.use_user_id {
-            parts.push(t.user_id.lookup(&x.users)?);
+            parts.push(t.user_id.lookup(users)?);
         }
-        parts.extend(pool_fields(&t.user_feat, schema, &x.slots, b)?);
-        let dev = match &t.history {
-            Table::Full(t) => t.device().clone(),
-            Table::Gathered(g) => g.leaf.device().clone(),
-        };
+        parts.extend(pool_fields(&t.user_feat, schema, slots, b)?);
         if schema.numeric > 0 {
-            parts.push(Tensor::from_slice(&x.numeric, (b, schema.numeric), &dev)?);
+            parts.push(Tensor::from_slice(
+                numeric,
+                (b, schema.numeric),
+                &device_of(&t.history),
+            )?);
         }
+        Ok(parts)
+    }
+
+    /// The transformer over `b` windows of `L`: `(b, L, id_dim)`, zero where a window holds no
+    /// item at all.
+    fn encode_windows(
+        &self,
+        t: &UserTables,
+        seq: &[u32],
+        gaps: &[u32],
+        b: usize,
+        reg: Regularize,
+    ) -> Result<Tensor> {
+        let enc = self
+            .seq
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("no sequence encoder".into()))?;
+        let l = self.cfg.history;
+        let emb = t.history.lookup(seq)?;
+        let out = enc.forward(&emb, seq, gaps, b, l, reg)?;
+        let any: Vec<f32> = seq
+            .chunks(l)
+            .map(|c| c.iter().any(|&i| i != 0) as u8 as f32)
+            .collect();
+        out.broadcast_mul(&Tensor::from_vec(any, (b, 1, 1), emb.device())?)
+    }
+
+    /// The MLP's input: every part of the user representation, concatenated. `reg` regularises
+    /// inside the sequence encoder while training.
+    pub fn input(
+        &self,
+        t: &UserTables,
+        schema: &FeatureSchema,
+        x: &UserInput,
+        reg: Regularize,
+    ) -> Result<Tensor> {
+        let b = x.len();
+        let l = self.cfg.history;
+        let dev = device_of(&t.history);
+        let mut parts = self.profile(t, schema, &x.users, &x.slots, &x.numeric)?;
+        if self.seq.is_some() {
+            // The window's latest position is the user's state now.
+            let out = self.encode_windows(t, &x.seq, &x.seq_gaps, b, reg)?;
+            parts.push(out.narrow(1, l - 1, 1)?.squeeze(1)?);
+        } else {
+            parts.push(self.pooled(t, x, b, &dev)?);
+            // The most recent item on its own: recency matters more than the bag average.
+            let last: Vec<u32> = x.history.chunks(l).map(|c| c[0]).collect();
+            parts.push(t.history.mean_pool(&last, b, 1)?);
+        }
+        let h = self.cfg.long_history;
+        if h > 0 {
+            parts.push(t.history.mean_pool(&x.long, b, h)?);
+        }
+        parts.push(Tensor::from_slice(&x.context, (b, CONTEXT_DIM), &dev)?);
+        Tensor::cat(&parts, 1)
+    }
+
+    /// The MLP inputs of every position of `x.users.len()` windows (the transformer's one-pass
+    /// training form): `(b·L, in)`, in the same part order as [`UserTower::input`].
+    pub fn input_windows(
+        &self,
+        t: &UserTables,
+        schema: &FeatureSchema,
+        x: &WindowInput,
+        reg: Regularize,
+    ) -> Result<Tensor> {
+        let b = x.users.len();
+        let l = self.cfg.history;
+        let dev = device_of(&t.history);
+        let per_row = |p: Tensor| -> Result<Tensor> {
+            let k = p.dim(1)?;
+            p.unsqueeze(1)?.broadcast_as((b, l, k))?.reshape((b * l, k))
+        };
+        let mut parts = self
+            .profile(t, schema, &x.users, &x.slots, &x.numeric)?
+            .into_iter()
+            .map(per_row)
+            .collect::<Result<Vec<_>>>()?;
+        let out = self.encode_windows(t, &x.seq, &x.seq_gaps, b, reg)?;
+        parts.push(out.reshape((b * l, self.cfg.id_dim))?);
+        let h = self.cfg.long_history;
+        if h > 0 {
+            parts.push(per_row(t.history.mean_pool(&x.long, b, h)?)?);
+        }
+        parts.push(Tensor::from_slice(&x.context, (b * l, CONTEXT_DIM), &dev)?);
+        Tensor::cat(&parts, 1)
+    }
+
+    /// Mean or attention pooling of the recent sequence.
+    fn pooled(&self, t: &UserTables, x: &UserInput, b: usize, dev: &Device) -> Result<Tensor> {
+        let l = self.cfg.history;
+        let Some(q) = &self.attn_query else {
+            return t.history.mean_pool(&x.history, b, l);
+        };
         let hist = t
             .history
             .lookup(&x.history)?
             .reshape((b, l, self.cfg.id_dim))?;
-        let pooled = match &self.attn_query {
-            None => masked_mean(&hist, &x.history, b, l)?,
-            Some(q) => {
-                // Padding gets -1e9 before the softmax; users with no history at all end up with
-                // uniform weights over padding, so their pooled vector is zeroed explicitly.
-                let bias: Vec<f32> = x
-                    .history
-                    .iter()
-                    .map(|&i| if i == 0 { -1e9 } else { 0.0 })
-                    .collect();
-                let any: Vec<f32> = x
-                    .history
-                    .chunks(l)
-                    .map(|c| c.iter().any(|&i| i != 0) as u8 as f32)
-                    .collect();
-                let scale = 1.0 / (self.cfg.id_dim as f64).sqrt();
-                let scores = (hist.broadcast_matmul(q.as_tensor())? * scale)?
-                    .broadcast_add(&Tensor::from_vec(bias, (b, l, 1), &dev)?)?;
-                let w = candle_nn::ops::softmax(&scores, 1)?;
-                hist.broadcast_mul(&w)?
-                    .sum(1)?
-                    .broadcast_mul(&Tensor::from_vec(any, (b, 1), &dev)?)?
-            }
-        };
-        parts.push(pooled);
-        // The most recent item on its own: recency matters more than the bag average.
-        let last_mask: Vec<f32> = x
+        // Padding gets -1e9 before the softmax; users with no history at all end up with
+        // uniform weights over padding, so their pooled vector is zeroed explicitly.
+        let bias: Vec<f32> = x
+            .history
+            .iter()
+            .map(|&i| if i == 0 { -1e9 } else { 0.0 })
+            .collect();
+        let any: Vec<f32> = x
             .history
             .chunks(l)
-            .map(|c| (c[0] != 0) as u8 as f32)
+            .map(|c| c.iter().any(|&i| i != 0) as u8 as f32)
             .collect();
-        let last = hist
-            .narrow(1, 0, 1)?
-            .squeeze(1)?
-            .broadcast_mul(&Tensor::from_vec(last_mask, (b, 1), &dev)?)?;
-        parts.push(last);
-        parts.push(Tensor::from_slice(&x.context, (b, CONTEXT_DIM), &dev)?);
-        let input = Tensor::cat(&parts, 1)?;
-        l2_normalize(&self.mlp.forward(&input)?)
+        let scale = 1.0 / (self.cfg.id_dim as f64).sqrt();
+        let scores = (hist.broadcast_matmul(q.as_tensor())? * scale)?
+            .broadcast_add(&Tensor::from_vec(bias, (b, l, 1), dev)?)?;
+        let w = candle_nn::ops::softmax(&scores, 1)?;
+        hist.broadcast_mul(&w)?
+            .sum(1)?
+            .broadcast_mul(&Tensor::from_vec(any, (b, 1), dev)?)
     }
 }
 
@@ -326,6 +456,11 @@ impl ItemTower {
     }
 
     pub fn forward(&self, t: &ItemTables, schema: &FeatureSchema, x: &ItemInput) -> Result<Tensor> {
+        l2_normalize(&self.mlp.forward(&self.input(t, schema, x)?)?)
+    }
+
+    /// The MLP's input: the id embedding and the item features, concatenated.
+    pub fn input(&self, t: &ItemTables, schema: &FeatureSchema, x: &ItemInput) -> Result<Tensor> {
         let b = x.items.len();
         let mut parts = vec![t.item_id.lookup(&x.items)?];
         let dev = parts[0].device().clone();
@@ -333,7 +468,7 @@ impl ItemTower {
         if schema.numeric > 0 {
             parts.push(Tensor::from_slice(&x.numeric, (b, schema.numeric), &dev)?);
         }
-        l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, 1)?)?)
+        Tensor::cat(&parts, 1)
     }
 }
 

@@ -1,12 +1,18 @@
-//! Training: in-batch sampled softmax with logQ correction over causal examples.
+//! Training: softmax retrieval over causal examples.
 //!
-//! Every train event `(u, i, t)` is one example: the user tower sees `u`'s features, the L items
-//! `u` engaged with before it (most recent first) and the time context of `t`; the item tower sees
-//! `i`. The other positives of the batch (plus optional uniform corpus samples) are the
-//! negatives. With validation enabled, the events given are split by the protocol; the model
-//! trains only on the train side and early-stops on the validation side's recall.
+//! Every train event `(u, i, t)` (with `Targets::New`, only a user's first engagement with `i`)
+//! is one example: the user tower sees `u`'s features, the L items `u` engaged with before it
+//! (most recent first), optionally a summary of a longer history, and the time context of `t`;
+//! the item tower sees `i`. The softmax runs over the whole catalogue (`full`), or over the
+//! batch's other positives (`in-batch`, logQ-corrected) plus uniform corpus samples (`mixed`);
+//! items the user engaged with before are left out of its negatives (`mask_seen`).
+//!
+//! With validation enabled, the events given are split by the protocol; the model trains on the
+//! train side and early stopping on the validation side picks the epoch count. Then (`refit`)
+//! a fresh model trains on every event — the validation slice holds each user's most recent,
+//! most informative events — for that many epochs, and that model is returned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -17,15 +23,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tandem_data::{EventLog, FeatureTable, Protocol, Split};
 
-use crate::config::{LogQ, ModelConfig, TrainConfig};
+use crate::config::{LogQ, ModelConfig, Negatives, Targets, TrainConfig, UserEncoder};
 use crate::encode::EntityVocab;
 use crate::eval::{metrics, EvalSet, ModelRanker, Recommender};
 use crate::logq::{estimator, ExactCounts, FrequencyEstimator};
-use crate::loss::sampled_softmax_loss;
-use crate::model::{ItemModel, TwoTower, UserModel};
+use crate::loss::{full_softmax_loss, sampled_softmax_loss};
+use crate::model::{push_distinct, ItemModel, Tensors, TwoTower, UserModel};
 use crate::params::{AdamW, SparseTable, Table};
+use crate::sequence::gap_bucket;
 use crate::towers::{
-    context, ItemInput, ItemTables, ItemTower, Linear, Mlp, UserInput, UserTables, UserTower,
+    context, l2_normalize, ItemInput, ItemTables, ItemTower, Linear, Mlp, UserInput, UserTables,
+    UserTower, WindowInput, CONTEXT_DIM,
 };
 use crate::{ModelError, Result};
 
@@ -52,16 +60,24 @@ pub struct EpochReport {
 pub struct TrainReport {
     pub examples: usize,
     pub validation_users: usize,
+    /// The batch size and target window used (auto settings resolved).
+    pub batch_size: usize,
+    pub target_window: usize,
+    /// The negatives actually used (`auto` resolved by catalogue size).
+    pub negatives: Negatives,
+    /// The epoch early stopping kept (the refit trains this many epochs on every event).
     pub best_epoch: usize,
     pub validation: BTreeMap<String, f64>,
     pub epochs: Vec<EpochReport>,
+    /// The refit's epochs, when the published model is the refit.
+    pub refit_epochs: Option<Vec<EpochReport>>,
     pub seconds: f64,
 }
 
 /// One example: (log user index, position in that user's train sequence).
-type Example = (u32, u32);
+pub(crate) type Example = (u32, u32);
 
-struct Trainer {
+pub(crate) struct Trainer {
     dev: Device,
     cfg: ModelConfig,
     tcfg: TrainConfig,
@@ -79,11 +95,183 @@ struct Trainer {
     step: u64,
     estimator: Option<Box<dyn FrequencyEstimator>>,
     streaming: bool,
+    /// The negatives in use (`auto` resolved by catalogue size).
+    negatives: Negatives,
+    /// Every item's tower input (`full` negatives score the whole catalogue each step).
+    all_items: Option<ItemInput>,
     rng: ChaCha8Rng,
 }
 
 /// Per log user: (item id of this version, timestamp, weight) of each train event, time order.
-type Sequences = Vec<Vec<(u32, i64, f32)>>;
+pub type Sequences = Vec<Vec<(u32, i64, f32)>>;
+
+/// A batch's user-side input: one row per example, or (transformer) windows whose valid
+/// positions are the rows.
+enum UserSide {
+    Rows(UserInput),
+    Windows { x: WindowInput, rows: Vec<u32> },
+}
+
+impl UserSide {
+    /// Every id the user tower reads from each table: (users, feature slots, items).
+    fn ids(&self) -> (&[u32], &[u32], Vec<&[u32]>) {
+        match self {
+            UserSide::Rows(x) => (&x.users, &x.slots, vec![&x.history, &x.long]),
+            UserSide::Windows { x, .. } => (&x.users, &x.slots, vec![&x.seq, &x.long]),
+        }
+    }
+}
+
+/// Inverted dropout with probability `p` and masks from the seeded RNG (so a seed still fixes
+/// the run).
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}
+
+/// One batch, encoded.
+struct Batch {
+    user: UserSide,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    /// Per row, the sorted distinct items the user engaged with before the example (empty
+    /// unless `mask_seen`).
+    seen: Vec<Vec<u32>>,
+}
+
+/// Everything training reads, built once: vocabularies and each side's per-user sequences.
+struct Prepared<'a> {
+    log: &'a EventLog,
+    users: EntityVocab,
+    items: EntityVocab,
+    user_vid: Vec<u32>,
+    /// Train-side sequences (all events when there is no validation slice).
+    train: Sequences,
+    /// Every event's sequences (for the refit), when a validation slice was carved.
+    all: Option<Sequences>,
+    validation: Option<EvalSet>,
+}
+
+fn sequences(log: &EventLog, events: &[u32], item_vid: &[u32]) -> Sequences {
+    let mut seqs: Sequences = vec![Vec::new(); log.users.len()];
+    for &e in events {
+        let e = e as usize;
+        seqs[log.user[e] as usize].push((item_vid[log.item[e] as usize], log.ts[e], log.weight[e]));
+    }
+    seqs
+}
+
+impl<'a> Prepared<'a> {
+    fn new(input: &TrainInput<'a>, cfg: &ModelConfig, tcfg: &TrainConfig) -> Result<Self> {
+        let log = input.log;
+        if log.is_empty() {
+            return Err(ModelError::Invalid("no events to train on".into()));
+        }
+        let users = EntityVocab::build(
+            log.users.names().iter().map(String::as_str),
+            input.user_features,
+            cfg.max_multi,
+        );
+        let items = EntityVocab::build(
+            log.items.names().iter().map(String::as_str),
+            input.item_features,
+            cfg.max_multi,
+        );
+        let user_vid: Vec<u32> = log.users.names().iter().map(|s| users.get(s)).collect();
+        let item_vid: Vec<u32> = log.items.names().iter().map(|s| items.get(s)).collect();
+        let (train, all, validation) = match input.validation {
+            Some(p) => {
+                let split = Split::new(log, p);
+                let set = EvalSet::new(log, &split).sample(tcfg.max_validation_users, tcfg.seed);
+                let all = tcfg
+                    .refit
+                    .then(|| sequences(log, &log.time_order(), &item_vid));
+                (sequences(log, &split.train, &item_vid), all, Some(set))
+            }
+            None => (sequences(log, &log.time_order(), &item_vid), None, None),
+        };
+        Ok(Prepared {
+            log,
+            users,
+            items,
+            user_vid,
+            train,
+            all,
+            validation,
+        })
+    }
+}
+
+/// The training examples of `seqs`: every position, or (with `Targets::New`) only a user's first
+/// engagement with each item.
+fn examples(seqs: &Sequences, targets: Targets) -> Vec<Example> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (u, s) in seqs.iter().enumerate() {
+        seen.clear();
+        for (p, &(item, _, _)) in s.iter().enumerate() {
+            if seen.insert(item) || targets == Targets::All {
+                out.push((u as u32, p as u32));
+            }
+        }
+    }
+    out
+}
+
+/// `tcfg` with its data-dependent settings (0 = auto) resolved on the training sequences:
+///
+/// - batch size: about 250 optimiser steps per epoch (a power of two in 64..=1024), so small
+///   logs still take enough steps per epoch for early stopping to see the model learn;
+/// - target window: a fifth of the median user's events (the stretch of future the per-user
+///   protocol scores), in 1..=20.
+pub fn resolve(tcfg: &TrainConfig, seqs: &Sequences) -> TrainConfig {
+    let mut t = tcfg.clone();
+    if t.batch_size == 0 {
+        let events: usize = seqs.iter().map(Vec::len).sum();
+        let per_step = (events as f64 / 250.0).max(1.0);
+        t.batch_size = (2f64.powf(per_step.log2().round()) as usize).clamp(64, 1024);
+    }
+    if t.target_window == 0 {
+        let mut lens: Vec<usize> = seqs.iter().map(Vec::len).filter(|&n| n > 0).collect();
+        lens.sort_unstable();
+        let median = lens.get(lens.len() / 2).copied().unwrap_or(1);
+        t.target_window = ((0.2 * median as f64).round() as usize).clamp(1, 20);
+    }
+    t
+}
+
+/// The transformer's training windows `(u, a)`: consecutive stretches of L inputs covering every
+/// position that has a next event.
+fn windows(seqs: &Sequences, l: usize) -> Vec<Example> {
+    let mut out = Vec::new();
+    for (u, s) in seqs.iter().enumerate() {
+        let mut a = 0;
+        while a + 1 < s.len() {
+            out.push((u as u32, a as u32));
+            a += l;
+        }
+    }
+    out
+}
+
+/// The early-stopping score of validation metrics: one metric or a `+`-separated sum.
+fn score_of(metric: &str, values: &BTreeMap<String, f64>) -> Result<f64> {
+    metric
+        .split('+')
+        .map(|m| {
+            values
+                .get(m.trim())
+                .copied()
+                .ok_or_else(|| ModelError::Invalid(format!("unknown early-stopping metric {m:?}")))
+        })
+        .sum()
+}
 
 pub fn train(
     input: &TrainInput,
@@ -92,71 +280,92 @@ pub fn train(
     progress: bool,
 ) -> Result<(TwoTower, TrainReport)> {
     let started = Instant::now();
-    let log = input.log;
-    if log.is_empty() {
-        return Err(ModelError::Invalid("no events to train on".into()));
-    }
-    let split = match input.validation {
-        Some(p) => Split::new(log, p),
-        None => Split {
-            train: log.time_order(),
-            test: Vec::new(),
-        },
+    let data = Prepared::new(input, cfg, tcfg)?;
+    let tcfg = &resolve(tcfg, &data.train);
+    let (model, mut report) = run(
+        &data,
+        &data.train,
+        data.validation.as_ref(),
+        cfg,
+        tcfg,
+        tcfg.epochs,
+        progress,
+    )?;
+    report.batch_size = tcfg.batch_size;
+    report.target_window = tcfg.target_window;
+    let model = match &data.all {
+        // The refit: the epoch count early stopping chose, on every event, from scratch.
+        Some(all) if report.best_epoch > 0 => {
+            if progress {
+                eprintln!(
+                    "refit: {} epoch(s) on all {} events",
+                    report.best_epoch,
+                    input.log.len()
+                );
+            }
+            let (refit, refit_report) =
+                run(&data, all, None, cfg, tcfg, report.best_epoch, progress)?;
+            report.refit_epochs = Some(refit_report.epochs);
+            refit
+        }
+        _ => model,
     };
-    let validation = input
-        .validation
-        .map(|_| EvalSet::new(log, &split).sample(tcfg.max_validation_users, tcfg.seed));
-    let users = EntityVocab::build(
-        log.users.names().iter().map(String::as_str),
-        input.user_features,
-        cfg.max_multi,
-    );
-    let items = EntityVocab::build(
-        log.items.names().iter().map(String::as_str),
-        input.item_features,
-        cfg.max_multi,
-    );
-    let user_vid: Vec<u32> = log.users.names().iter().map(|s| users.get(s)).collect();
-    let item_vid: Vec<u32> = log.items.names().iter().map(|s| items.get(s)).collect();
-    let mut seqs: Sequences = vec![Vec::new(); log.users.len()];
-    for &e in &split.train {
-        let e = e as usize;
-        seqs[log.user[e] as usize].push((item_vid[log.item[e] as usize], log.ts[e], log.weight[e]));
-    }
-    let mut examples: Vec<Example> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(u, s)| (0..s.len() as u32).map(move |p| (u as u32, p)))
-        .collect();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok((model, report))
+}
+
+/// Trains a fresh model on `seqs` for up to `epochs`; with a validation set, early stopping keeps
+/// the best epoch.
+fn run(
+    data: &Prepared,
+    seqs: &Sequences,
+    validation: Option<&EvalSet>,
+    cfg: &ModelConfig,
+    tcfg: &TrainConfig,
+    epochs: usize,
+    progress: bool,
+) -> Result<(TwoTower, TrainReport)> {
+    let targets = examples(seqs, tcfg.targets);
+    // The transformer trains on windows (every position of a window is an example); the other
+    // encoders on single examples.
+    let (mut examples, per_batch) = if cfg.user_encoder == UserEncoder::Transformer {
+        let l = cfg.history.max(1);
+        (windows(seqs, l), (tcfg.batch_size / l).max(1))
+    } else {
+        (targets.clone(), tcfg.batch_size)
+    };
     if examples.is_empty() {
         return Err(ModelError::Invalid(
             "no training events left after carving the validation slice".into(),
         ));
     }
-
-    let mut t = Trainer::new(cfg, tcfg, users, items)?;
+    let mut t = Trainer::new(cfg, tcfg, data.users.clone(), data.items.clone())?;
     if tcfg.logq == LogQ::Exact {
         // Exact counts are known before training: count the whole train stream once.
         let mut exact = ExactCounts::new(t.items.len());
-        examples
+        targets
             .iter()
             .for_each(|&(u, p)| exact.observe(seqs[u as usize][p as usize].0));
         t.estimator = Some(Box::new(exact));
         t.streaming = false;
     }
-
     let mut report = TrainReport {
-        examples: examples.len(),
-        validation_users: validation.as_ref().map_or(0, |v| v.users.len()),
+        examples: targets.len(),
+        validation_users: validation.map_or(0, |v| v.users.len()),
+        batch_size: tcfg.batch_size,
+        target_window: tcfg.target_window,
+        negatives: t.negatives,
         best_epoch: 0,
         validation: BTreeMap::new(),
         epochs: Vec::new(),
+        refit_epochs: None,
         seconds: 0.0,
     };
     let mut best: Option<(f64, TwoTower)> = None;
     let mut shuffle_rng = ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(1));
-    let batches = examples.len().div_ceil(tcfg.batch_size);
-    for epoch in 1..=tcfg.epochs.max(1) {
+    let batches = examples.len().div_ceil(per_batch);
+    let epochs = epochs.max(1);
+    for epoch in 1..=epochs {
         for i in (1..examples.len()).rev() {
             examples.swap(i, shuffle_rng.random_range(0..=i));
         }
@@ -166,26 +375,26 @@ pub fn train(
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template("epoch {prefix:>3} [{bar:30}] {pos}/{len} {msg}")
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        bar.set_prefix(epoch.to_string());
+        bar.set_prefix(format!("{epoch}/{epochs}"));
         let epoch_start = Instant::now();
         let mut loss_sum = 0.0;
-        for (k, batch) in examples.chunks(tcfg.batch_size).enumerate() {
-            let loss = t.step(batch, &seqs, &user_vid)?;
+        for (k, batch) in examples.chunks(per_batch).enumerate() {
+            let loss = t.step(batch, seqs, &data.user_vid)?;
             if !loss.is_finite() {
                 return Err(ModelError::Invalid(format!(
                     "loss became {loss} at epoch {epoch}, batch {k}: lower --lr"
                 )));
             }
             loss_sum += loss;
-            let done = ((k + 1) * tcfg.batch_size).min(examples.len());
+            let done = targets.len() as f64 * (k + 1) as f64 / batches as f64;
             bar.set_message(format!(
                 "loss {:.4} · {:.0} ex/s",
                 loss_sum / (k + 1) as f64,
-                done as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9)
+                done / epoch_start.elapsed().as_secs_f64().max(1e-9)
             ));
             bar.inc(1);
         }
@@ -195,41 +404,32 @@ pub fn train(
         let mut epoch_report = EpochReport {
             epoch,
             loss: loss_sum / batches as f64,
-            examples_per_sec: examples.len() as f64 / seconds.max(1e-9),
+            examples_per_sec: targets.len() as f64 / seconds.max(1e-9),
             seconds,
             validation: BTreeMap::new(),
         };
-        let score = match &validation {
+        let score = match validation {
             Some(set) => {
                 let ranker = ModelRanker {
                     model: &snapshot,
-                    log,
+                    log: data.log,
                     items: None,
                 };
-                let m = metrics(set, &ranker.recommend(set, 100)?);
-                epoch_report.validation = m.values;
-                *epoch_report
-                    .validation
-                    .get(&tcfg.early_stopping_metric)
-                    .ok_or_else(|| {
-                        ModelError::Invalid(format!(
-                            "unknown early-stopping metric {:?}",
-                            tcfg.early_stopping_metric
-                        ))
-                    })?
+                epoch_report.validation = metrics(set, &ranker.recommend(set, 100)?).values;
+                score_of(&tcfg.early_stopping_metric, &epoch_report.validation)?
             }
             // Without validation the last epoch is kept.
             None => epoch as f64,
         };
         tracing::info!(epoch, loss = epoch_report.loss, ex_per_s = epoch_report.examples_per_sec, ?epoch_report.validation, "epoch done");
         if progress {
-            let val = epoch_report
-                .validation
-                .get(&tcfg.early_stopping_metric)
-                .map(|v| format!(" · val {} {v:.4}", tcfg.early_stopping_metric))
-                .unwrap_or_default();
+            let val = if validation.is_some() {
+                format!(" · val {} {score:.4}", tcfg.early_stopping_metric)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "epoch {epoch}: loss {:.4} · {:.0} ex/s{val}",
+                "epoch {epoch}/{epochs}: loss {:.4} · {:.0} ex/s{val}",
                 epoch_report.loss, epoch_report.examples_per_sec
             );
         }
@@ -243,12 +443,11 @@ pub fn train(
     }
     let (_, model) = best.ok_or_else(|| ModelError::Invalid("no epoch completed".into()))?;
     report.validation = report.epochs[report.best_epoch - 1].validation.clone();
-    report.seconds = started.elapsed().as_secs_f64();
     Ok((model, report))
 }
 
 impl Trainer {
-    fn new(
+    pub(crate) fn new(
         cfg: &ModelConfig,
         tcfg: &TrainConfig,
         users: EntityVocab,
@@ -294,6 +493,16 @@ impl Trainer {
             },
         )?;
         let estimator = estimator(tcfg.logq, items.len(), tcfg.seed);
+        let negatives = tcfg.negatives.resolve(items.len());
+        let all_items = (negatives == Negatives::Full).then(|| {
+            let mut x = ItemInput::default();
+            for i in 0..items.len() as u32 {
+                x.items.push(i);
+                x.slots.extend_from_slice(items.slots_of(i));
+                x.numeric.extend_from_slice(items.numeric_of(i));
+            }
+            x
+        });
         Ok(Trainer {
             dev,
             cfg: cfg.clone(),
@@ -312,20 +521,34 @@ impl Trainer {
             step: 0,
             estimator,
             streaming: true,
+            negatives,
+            all_items,
             rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(2)),
         })
     }
 
-    fn step(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Result<f64> {
+    /// Encodes a batch: user inputs with id dropout, targets, weights and (for masking) what
+    /// each row's user had seen.
+    fn encode(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Batch {
         let b = batch.len();
         let l = self.cfg.history;
         let drop = self.tcfg.id_dropout;
         let mut ux = UserInput::default();
         let mut targets = Vec::with_capacity(b);
         let mut weights = Vec::with_capacity(b);
+        let mut seen = Vec::with_capacity(b);
+        let mut scratch = HashSet::new();
+        let window = self.tcfg.target_window.max(1);
         for &(u, p) in batch {
             let seq = &seqs[u as usize];
-            let (item, ts, w) = seq[p as usize];
+            let (_, ts, _) = seq[p as usize];
+            let q = if window > 1 {
+                let end = (p as usize + window).min(seq.len());
+                self.pick_target(seq, p as usize, end)
+            } else {
+                p as usize
+            };
+            let (item, _, w) = seq[q];
             let uid = user_vid[u as usize];
             ux.users.push(if self.rng.random::<f64>() < drop {
                 0
@@ -334,88 +557,216 @@ impl Trainer {
             });
             ux.slots.extend_from_slice(self.users.slots_of(uid));
             ux.numeric.extend_from_slice(self.users.numeric_of(uid));
+            let before = &seq[..p as usize];
             let start = ux.history.len();
-            ux.history
-                .extend(seq[..p as usize].iter().rev().take(l).map(|e| e.0));
+            ux.history.extend(before.iter().rev().take(l).map(|e| e.0));
             ux.history.resize(start + l, 0);
+            if self.cfg.long_history > 0 {
+                push_distinct(
+                    &mut ux.long,
+                    before.iter().rev().skip(l).map(|e| e.0),
+                    self.cfg.long_history,
+                    &mut scratch,
+                );
+            }
             ux.context.extend_from_slice(&context(ts));
             targets.push(item);
             weights.push(w);
+            seen.push(self.seen_of(before));
         }
-        let n_items = self.items.len() as u32;
-        let mut cand_ids = targets.clone();
-        for _ in 0..self.tcfg.uniform_negatives {
-            cand_ids.push(self.rng.random_range(1..n_items.max(2)));
+        Batch {
+            user: UserSide::Rows(ux),
+            targets,
+            weights,
+            seen,
         }
-        let mut ix = ItemInput::default();
-        for (j, &c) in cand_ids.iter().enumerate() {
-            // Id dropout on positives only: the OOV row learns a generic item from features.
-            let dropped = j < b && self.rng.random::<f64>() < drop;
-            ix.items.push(if dropped { 0 } else { c });
-            ix.slots.extend_from_slice(self.items.slots_of(c));
-            ix.numeric.extend_from_slice(self.items.numeric_of(c));
+    }
+
+    /// Sorted distinct items of `before` (what to leave out of negatives), or nothing.
+    fn seen_of(&self, before: &[(u32, i64, f32)]) -> Vec<u32> {
+        if !self.tcfg.mask_seen {
+            return Vec::new();
         }
-        let log_q: Vec<f32> = match &mut self.estimator {
-            None => vec![0.0; cand_ids.len()],
-            Some(est) => {
-                if self.streaming {
-                    targets.iter().for_each(|&i| est.observe(i));
-                }
-                let uniform =
-                    (self.tcfg.uniform_negatives as f64 / (n_items.max(2) - 1) as f64).ln() as f32;
-                cand_ids
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &c)| {
-                        if j < b {
-                            (b as f64 * est.prob(c).max(1e-9)).ln() as f32
-                        } else {
-                            uniform
-                        }
-                    })
-                    .collect()
+        let mut s: Vec<u32> = before.iter().map(|e| e.0).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    /// Encodes transformer windows `(u, a)`: user `u`'s items from position `a` (at most L of
+    /// them, left-padded), each position a row whose target follows it.
+    fn encode_windows(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Batch {
+        let l = self.cfg.history;
+        let drop = self.tcfg.id_dropout;
+        let window = self.tcfg.target_window.max(1);
+        let mut x = WindowInput::default();
+        let (mut rows, mut targets, mut weights, mut seen) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut scratch = HashSet::new();
+        for (w, &(u, a)) in batch.iter().enumerate() {
+            let seq = &seqs[u as usize];
+            let a = a as usize;
+            let t_len = l.min(seq.len() - 1 - a);
+            let uid = user_vid[u as usize];
+            x.users.push(if self.rng.random::<f64>() < drop {
+                0
+            } else {
+                uid
+            });
+            x.slots.extend_from_slice(self.users.slots_of(uid));
+            x.numeric.extend_from_slice(self.users.numeric_of(uid));
+            let pad = l - t_len;
+            x.seq.extend(std::iter::repeat_n(0, pad));
+            x.seq_gaps.extend(std::iter::repeat_n(0, pad));
+            x.context
+                .extend(std::iter::repeat_n(0.0, pad * CONTEXT_DIM));
+            for k in a..a + t_len {
+                x.seq.push(seq[k].0);
+                x.seq_gaps
+                    .push(gap_bucket(k.checked_sub(1).map(|j| seq[k].1 - seq[j].1)));
             }
+            if self.cfg.long_history > 0 {
+                push_distinct(
+                    &mut x.long,
+                    seq[..a].iter().rev().map(|e| e.0),
+                    self.cfg.long_history,
+                    &mut scratch,
+                );
+            }
+            for t in 0..t_len {
+                let p = a + t + 1;
+                x.context.extend_from_slice(&context(seq[p].1));
+                let end = (p + window).min(seq.len());
+                let q = self.pick_target(seq, p, end);
+                let (item, _, weight) = seq[q];
+                let before = &seq[..p];
+                if self.tcfg.targets == Targets::New && before.iter().any(|e| e.0 == item) {
+                    continue;
+                }
+                rows.push((w * l + pad + t) as u32);
+                targets.push(item);
+                weights.push(weight);
+                seen.push(self.seen_of(before));
+            }
+        }
+        Batch {
+            user: UserSide::Windows { x, rows },
+            targets,
+            weights,
+            seen,
+        }
+    }
+
+    /// A target position in `p..end`: uniformly among the positions whose item the user has not
+    /// engaged with before `p` (with `Targets::All`, among all of them).
+    fn pick_target(&mut self, seq: &[(u32, i64, f32)], p: usize, end: usize) -> usize {
+        let mut cands: Vec<usize> = (p..end).collect();
+        if self.tcfg.targets == Targets::New {
+            let before: HashSet<u32> = seq[..p].iter().map(|e| e.0).collect();
+            cands.retain(|&q| !before.contains(&seq[q].0));
+        }
+        if cands.is_empty() {
+            return p;
+        }
+        cands[self.rng.random_range(0..cands.len())]
+    }
+
+    pub(crate) fn step(
+        &mut self,
+        batch: &[Example],
+        seqs: &Sequences,
+        user_vid: &[u32],
+    ) -> Result<f64> {
+        let Batch {
+            user,
+            targets,
+            weights,
+            seen,
+        } = if self.user_tower.seq.is_some() {
+            self.encode_windows(batch, seqs, user_vid)
+        } else {
+            self.encode(batch, seqs, user_vid)
+        };
+        if targets.is_empty() {
+            return Ok(0.0);
+        }
+        let seen = self.tcfg.mask_seen.then_some(&seen[..]);
+        let full = self.negatives == Negatives::Full;
+        let (cand_ids, ix, log_q) = if full {
+            (Vec::new(), ItemInput::default(), Vec::new())
+        } else {
+            self.sampled_candidates(&targets)
         };
         let pad = [0u32];
+        let (user_ids, user_slots, item_lists) = user.ids();
         let gu = self
             .user_id
-            .gather(ux.users.iter().chain(&pad), &self.dev)?;
+            .gather(user_ids.iter().chain(&pad), &self.dev)?;
         let guf = self
             .user_feat
-            .gather(ux.slots.iter().chain(&pad), &self.dev)?;
-        let gi = self
-            .item_id
-            .gather(ux.history.iter().chain(&ix.items).chain(&pad), &self.dev)?;
+            .gather(user_slots.iter().chain(&pad), &self.dev)?;
+        let all = self.all_items.take();
+        let item_ids: &[u32] = match &all {
+            Some(x) => &x.items,
+            None => &ix.items,
+        };
+        let gi = self.item_id.gather(
+            item_lists.into_iter().flatten().chain(item_ids).chain(&pad),
+            &self.dev,
+        )?;
+        let item_slots: &[u32] = match &all {
+            Some(x) => &x.slots,
+            None => &ix.slots,
+        };
         let gif = self
             .item_feat
-            .gather(ix.slots.iter().chain(&pad), &self.dev)?;
-        let u = self.user_tower.forward(
-            &UserTables {
-                user_id: Table::Gathered(&gu),
-                user_feat: Table::Gathered(&guf),
-                history: Table::Gathered(&gi),
-            },
-            &self.users.schema,
-            &ux,
-        )?;
-        let c = self.item_tower.forward(
-            &ItemTables {
-                item_id: Table::Gathered(&gi),
-                item_feat: Table::Gathered(&gif),
-            },
-            &self.items.schema,
-            &ix,
-        )?;
+            .gather(item_slots.iter().chain(&pad), &self.dev)?;
+        let tables = UserTables {
+            user_id: Table::Gathered(&gu),
+            user_feat: Table::Gathered(&guf),
+            history: Table::Gathered(&gi),
+        };
+        let p = self.tcfg.dropout;
+        let rng = &mut self.rng;
+        let mut reg = |x: &Tensor| dropout(x, p, rng);
+        let user_in = match &user {
+            UserSide::Rows(ux) => {
+                self.user_tower
+                    .input(&tables, &self.users.schema, ux, &mut reg)?
+            }
+            UserSide::Windows { x, rows } => self
+                .user_tower
+                .input_windows(&tables, &self.users.schema, x, &mut reg)?
+                .index_select(&Tensor::from_slice(rows, rows.len(), &self.dev)?, 0)?,
+        };
+        let user_in = dropout(&user_in, p, &mut self.rng)?;
+        let u = self.user_tower.head(&user_in)?;
+        let item_tables = ItemTables {
+            item_id: Table::Gathered(&gi),
+            item_feat: Table::Gathered(&gif),
+        };
+        let item_x = all.as_ref().unwrap_or(&ix);
+        let item_in = self
+            .item_tower
+            .input(&item_tables, &self.items.schema, item_x)?;
+        let item_in = dropout(&item_in, p, &mut self.rng)?;
+        let c = l2_normalize(&self.item_tower.mlp.forward(&item_in)?)?;
         let inv_tau = self.log_tau.as_tensor().neg()?.exp()?;
-        let loss = sampled_softmax_loss(
-            &u,
-            &c,
-            &inv_tau,
-            &log_q,
-            &targets,
-            &cand_ids,
-            Some(&weights),
-        )?;
+        let loss = if full {
+            full_softmax_loss(&u, &c, &inv_tau, &targets, Some(&weights), seen)?
+        } else {
+            sampled_softmax_loss(
+                &u,
+                &c,
+                &inv_tau,
+                &log_q,
+                &targets,
+                &cand_ids,
+                Some(&weights),
+                seen,
+            )?
+        };
+        self.all_items = all;
         let value = loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
         self.dense_opt.step(&grads)?;
@@ -433,8 +784,52 @@ impl Trainer {
         Ok(value)
     }
 
+    /// In-batch (and `mixed`: uniformly sampled) candidates with their item inputs and logQ
+    /// corrections. Id dropout on positives trains the OOV row as a generic item from features.
+    fn sampled_candidates(&mut self, targets: &[u32]) -> (Vec<u32>, ItemInput, Vec<f32>) {
+        let b = targets.len();
+        let drop = self.tcfg.id_dropout;
+        let n_items = self.items.len() as u32;
+        let mut cand_ids = targets.to_vec();
+        if self.negatives == Negatives::Mixed {
+            for _ in 0..self.tcfg.uniform_negatives {
+                cand_ids.push(self.rng.random_range(1..n_items.max(2)));
+            }
+        }
+        let mut ix = ItemInput::default();
+        for (j, &c) in cand_ids.iter().enumerate() {
+            let dropped = j < b && self.rng.random::<f64>() < drop;
+            ix.items.push(if dropped { 0 } else { c });
+            ix.slots.extend_from_slice(self.items.slots_of(c));
+            ix.numeric.extend_from_slice(self.items.numeric_of(c));
+        }
+        let uniform_n = cand_ids.len() - b;
+        let log_q: Vec<f32> = match &mut self.estimator {
+            None => vec![0.0; cand_ids.len()],
+            Some(est) => {
+                if self.streaming {
+                    targets.iter().for_each(|&i| est.observe(i));
+                }
+                let uniform = (uniform_n.max(1) as f64 / (n_items.max(2) - 1) as f64).ln() as f32;
+                cand_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &c)| {
+                        if j < b {
+                            (b as f64 * est.prob(c).max(1e-9)).ln() as f32
+                        } else {
+                            uniform
+                        }
+                    })
+                    .collect()
+            }
+        };
+        (cand_ids, ix, log_q)
+    }
+
     /// A deep copy of the current weights as an inference model.
     fn snapshot(&self) -> Result<TwoTower> {
+        let user_tower = Tensors::copies(self.user_tower.named_vars())?.user_tower(&self.cfg)?;
         let copy_mlp = |m: &Mlp| -> Result<Mlp> {
             Ok(Mlp {
                 layers: m
@@ -448,16 +843,6 @@ impl Trainer {
                     })
                     .collect::<Result<Vec<_>>>()?,
             })
-        };
-        let user_tower = UserTower {
-            cfg: self.cfg.clone(),
-            mlp: copy_mlp(&self.user_tower.mlp)?,
-            attn_query: self
-                .user_tower
-                .attn_query
-                .as_ref()
-                .map(|q| q.as_tensor().copy().and_then(|t| Var::from_tensor(&t)))
-                .transpose()?,
         };
         let item_tower = ItemTower {
             cfg: self.cfg.clone(),
@@ -486,89 +871,4 @@ impl Trainer {
         };
         Ok(TwoTower { user, item })
     }
-}
-
-/// The fixed synthetic shape of `tandem bench train`.
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchShape {
-    pub users: usize,
-    pub items: usize,
-    pub history: usize,
-    pub batch_size: usize,
-    pub dim: usize,
-    pub hidden: usize,
-}
-
-impl Default for BenchShape {
-    fn default() -> Self {
-        BenchShape {
-            users: 20_000,
-            items: 100_000,
-            history: 50,
-            batch_size: 1024,
-            dim: 64,
-            hidden: 256,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BenchResult {
-    pub steps: usize,
-    pub examples_per_sec: f64,
-    pub ms_per_step: f64,
-}
-
-/// Times `steps` training steps (after 3 warm-up steps) on random full-length histories.
-pub fn bench_train(shape: &BenchShape, steps: usize) -> Result<BenchResult> {
-    let cfg = ModelConfig {
-        dim: shape.dim,
-        id_dim: shape.dim,
-        hidden: shape.hidden,
-        history: shape.history,
-        ..Default::default()
-    };
-    let tcfg = TrainConfig {
-        batch_size: shape.batch_size,
-        ..Default::default()
-    };
-    let user_ids: Vec<String> = (0..shape.users).map(|u| format!("u{u}")).collect();
-    let item_ids: Vec<String> = (0..shape.items).map(|i| format!("i{i}")).collect();
-    let users = EntityVocab::build(user_ids.iter().map(String::as_str), None, cfg.max_multi);
-    let items = EntityVocab::build(item_ids.iter().map(String::as_str), None, cfg.max_multi);
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let seq_len = shape.history + 10;
-    let seqs: Sequences = (0..shape.users)
-        .map(|_| {
-            (0..seq_len)
-                .map(|t| (rng.random_range(1..shape.items as u32 + 1), t as i64, 1.0))
-                .collect()
-        })
-        .collect();
-    let user_vid: Vec<u32> = (1..=shape.users as u32).collect();
-    let mut t = Trainer::new(&cfg, &tcfg, users, items)?;
-    let mut batch = || -> Vec<Example> {
-        (0..shape.batch_size)
-            .map(|_| {
-                (
-                    rng.random_range(0..shape.users as u32),
-                    rng.random_range(shape.history as u32..seq_len as u32),
-                )
-            })
-            .collect()
-    };
-    let batches: Vec<Vec<Example>> = (0..steps + 3).map(|_| batch()).collect();
-    for b in &batches[..3] {
-        t.step(b, &seqs, &user_vid)?;
-    }
-    let started = Instant::now();
-    for b in &batches[3..] {
-        t.step(b, &seqs, &user_vid)?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    Ok(BenchResult {
-        steps,
-        examples_per_sec: (steps * shape.batch_size) as f64 / secs,
-        ms_per_step: secs * 1000.0 / steps.max(1) as f64,
-    })
 }

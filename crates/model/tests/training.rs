@@ -85,7 +85,7 @@ fn a_trained_model_beats_popularity_on_structured_synthetic_data() {
         validation: Some(Protocol::User),
     };
     let (mcfg, tcfg) = configs();
-    let (model, report) = train(&input, &mcfg, &TrainConfig { epochs: 8, ..tcfg }, false).unwrap();
+    let (model, report) = train(&input, &mcfg, &TrainConfig { epochs: 20, ..tcfg }, false).unwrap();
     assert!(report.epochs.iter().all(|e| e.loss.is_finite()));
     let set = EvalSet::new(&data.events, &split);
     let ranker = ModelRanker {
@@ -170,6 +170,7 @@ fn a_published_model_reloads_to_identical_embeddings_and_refuses_a_flipped_byte(
         history: vec![m.user.item_id("i7"), m.user.item_id("i9")],
         ts: 1_704_100_000,
         features: None,
+        ..Default::default()
     };
     let a = model.user.embed_requests(&[req(&model)]).unwrap();
     let b = loaded.user.embed_requests(&[req(&loaded)]).unwrap();
@@ -216,6 +217,7 @@ fn unknown_users_and_items_embed_without_error() {
         history: vec![model.user.item_id("no-such-item")],
         ts: 0,
         features: None,
+        ..Default::default()
     };
     let e = model
         .user

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use tandem_types::ModelVersion;
 
-pub const MODELS: &str = "models";
-pub const INDEXES: &str = "indexes";
+pub use tandem_types::INDEXES;
+pub use tandem_types::MODELS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

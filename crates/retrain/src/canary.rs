@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tandem_proto::homefeed::v1 as pb;
-use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
+use tandem_client::{ClientOptions, HomefeedClient};
+use tandem_types::stats::percentile;
+use tandem_types::ModelVersion;
 
 use crate::config::CanaryConfig;
-use crate::{Result, RetrainError};
+use crate::Result;
 
 /// One user to probe with the items that count as hits.
 #[derive(Debug, Clone)]
@@ -31,14 +32,15 @@ pub struct ProbeUser {
 pub struct CanaryReport {
     /// `baseline` (before the rollout), `canary` (first hosts moved) or `fleet` (all moved).
     pub phase: String,
-    /// The version whose answers the hit rate is computed over.
-    pub version: String,
+    /// The version whose answers the hit rate is computed over (all answers when none).
+    #[serde(with = "tandem_types::version::optional", default)]
+    pub version: Option<ModelVersion>,
     pub requests: u64,
     pub errors: u64,
     /// Answers whose embedding version differs from the index version (must be 0).
     pub mismatched: u64,
     /// Answers per index version.
-    pub answered_by: BTreeMap<String, u64>,
+    pub answered_by: BTreeMap<ModelVersion, u64>,
     pub hit_rate: f64,
     pub error_rate: f64,
     pub p50_ms: f64,
@@ -48,55 +50,40 @@ pub struct CanaryReport {
     pub reason: String,
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 /// Probes `users` through the homefeed at `url` in rounds for `watch` (at least one round) and
 /// computes the hit rate over answers served by `version` (all answers when `None`).
 pub async fn measure(
     url: &str,
+    opts: &ClientOptions,
     users: &[ProbeUser],
     cfg: &CanaryConfig,
     watch: Duration,
     phase: &str,
-    version: Option<&str>,
+    version: Option<ModelVersion>,
 ) -> Result<CanaryReport> {
-    let mut client = HomefeedClient::connect(url.to_string())
-        .await
-        .map_err(|e| RetrainError::Connect {
-            url: url.to_string(),
-            message: e.to_string(),
-        })?;
+    let client = HomefeedClient::connect(url, opts).await?;
     let started = Instant::now();
     let (mut requests, mut errors, mut mismatched) = (0u64, 0u64, 0u64);
     let (mut hits, mut judged) = (0u64, 0u64);
-    let mut answered_by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut answered_by: BTreeMap<ModelVersion, u64> = BTreeMap::new();
     let mut lat = Vec::new();
     loop {
         for u in users {
             let t = Instant::now();
             requests += 1;
-            let mut req = tonic::Request::new(pb::GetCandidatesRequest {
-                user_id: u.user.clone(),
-                k: cfg.k,
-                exclude_seen: false,
-            });
-            req.set_timeout(Duration::from_secs(2));
-            match client.get_candidates(req).await {
+            let answer = client
+                .candidates(&u.user, cfg.k, false, Some(Duration::from_secs(2)))
+                .await;
+            match answer {
                 Ok(r) => {
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    let r = r.into_inner();
-                    if r.embedding_version != r.model_version {
+                    if r.mismatched() {
                         mismatched += 1;
                     }
-                    *answered_by.entry(r.model_version.clone()).or_default() += 1;
-                    if version.is_none_or(|v| v == r.model_version) {
+                    *answered_by.entry(r.index_version).or_default() += 1;
+                    if version.is_none_or(|v| v == r.index_version) {
                         judged += 1;
-                        if r.items.iter().any(|c| u.targets.contains(&c.item_id)) {
+                        if r.items.iter().any(|(item, _)| u.targets.contains(item)) {
                             hits += 1;
                         }
                     }
@@ -112,7 +99,7 @@ pub async fn measure(
     lat.sort_by(f64::total_cmp);
     Ok(CanaryReport {
         phase: phase.into(),
-        version: version.unwrap_or("").into(),
+        version,
         requests,
         errors,
         mismatched,
@@ -123,8 +110,8 @@ pub async fn measure(
             hits as f64 / judged as f64
         },
         error_rate: errors as f64 / requests.max(1) as f64,
-        p50_ms: quantile(&lat, 0.5),
-        p99_ms: quantile(&lat, 0.99),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
         seconds: started.elapsed().as_secs_f64(),
         passed: true,
         reason: String::new(),
@@ -143,13 +130,15 @@ pub fn judge(report: &mut CanaryReport, baseline: &CanaryReport, cfg: &CanaryCon
     if report.mismatched > 0 {
         problems.push(format!("{} mismatched answers", report.mismatched));
     }
-    let answered = report
-        .answered_by
-        .get(&report.version)
-        .copied()
-        .unwrap_or(0);
+    let answered = match report.version {
+        Some(v) => report.answered_by.get(&v).copied().unwrap_or(0),
+        None => report.answered_by.values().sum(),
+    };
+    let which = report
+        .version
+        .map_or_else(|| "any version".to_string(), |v| v.to_string());
     if answered == 0 {
-        problems.push(format!("no probe was answered by {}", report.version));
+        problems.push(format!("no probe was answered by {which}"));
     } else {
         let need = cfg.min_hit_ratio * baseline.hit_rate;
         if report.hit_rate < need {
@@ -162,8 +151,8 @@ pub fn judge(report: &mut CanaryReport, baseline: &CanaryReport, cfg: &CanaryCon
     report.passed = problems.is_empty();
     report.reason = if report.passed {
         format!(
-            "hit rate {:.3} (baseline {:.3}), error rate {:.3}, {answered} answers by {}",
-            report.hit_rate, baseline.hit_rate, report.error_rate, report.version
+            "hit rate {:.3} (baseline {:.3}), error rate {:.3}, {answered} answers by {which}",
+            report.hit_rate, baseline.hit_rate, report.error_rate
         )
     } else {
         problems.join("; ")
@@ -177,11 +166,11 @@ mod tests {
     fn report(hit: f64, errors: u64, by: &[(&str, u64)]) -> CanaryReport {
         CanaryReport {
             phase: "canary".into(),
-            version: "v2".into(),
+            version: Some(ModelVersion(2)),
             requests: 100,
             errors,
             mismatched: 0,
-            answered_by: by.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
+            answered_by: by.iter().map(|(v, n)| (v.parse().unwrap(), *n)).collect(),
             hit_rate: hit,
             error_rate: errors as f64 / 100.0,
             p50_ms: 1.0,

@@ -31,6 +31,9 @@
 //! [model]   # tandem_model::ModelConfig fields
 //! [train]   # tandem_model::TrainConfig fields
 //! ```
+//!
+//! A top-level `tuned = "tuned.toml"` (relative to this file) takes `[model]` and `[train]` from
+//! a `tandem tune` result instead.
 
 use std::path::Path;
 
@@ -42,6 +45,9 @@ use crate::{Result, RetrainError};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrainConfig {
+    /// A `tandem tune` output whose `[model]` and `[train]` replace this file's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tuned: Option<std::path::PathBuf>,
     pub window: WindowConfig,
     pub gate: GateConfig,
     pub canary: CanaryConfig,
@@ -159,7 +165,25 @@ impl RetrainConfig {
 
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut cfg = Self::from_toml(&text, &path.display().to_string())?;
+        if let Some(tuned) = &cfg.tuned {
+            let tuned = path.parent().unwrap_or(Path::new(".")).join(tuned);
+            let text = std::fs::read_to_string(&tuned).map_err(crate::io_err(&tuned))?;
+            #[derive(Deserialize)]
+            struct Tuned {
+                #[serde(default)]
+                model: ModelConfig,
+                #[serde(default)]
+                train: TrainConfig,
+            }
+            let t: Tuned = toml::from_str(&text).map_err(|e| RetrainError::Config {
+                path: tuned.display().to_string(),
+                message: e.message().to_string(),
+            })?;
+            cfg.model = t.model;
+            cfg.train = t.train;
+        }
+        Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), String> {

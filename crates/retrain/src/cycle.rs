@@ -1,28 +1,27 @@
 //! One retraining cycle and the daemon loop around it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_data::{EventColumns, EventLog, FeatureTable, Protocol, Split};
-use tandem_index::HnswParams;
-use tandem_model::eval::{metrics, EvalSet, ModelRanker, Recommender};
-use tandem_model::publish::{feature_schema_hash, publish_model};
-use tandem_model::train::{train, TrainInput};
-use tandem_model::TwoTower;
-use tandem_registry::{Registry, MODELS};
+use tandem_client::{ClientOptions, FleetAdmin};
+use tandem_data::{EventColumns, EventLog};
+use tandem_pipeline::publish_together;
+use tandem_registry::Registry;
 use tandem_telemetry::catalogue as m;
-use tandem_types::{DataRange, ModelManifest, ModelVersion};
+use tandem_types::clock::now_unix;
+use tandem_types::{error_chain, ModelVersion, INDEXES, MODELS};
 
 use crate::canary::{self, CanaryReport, ProbeUser};
-use crate::candidate::{build_index, history_queries, max_norm_error, BuiltIndex};
 use crate::config::RetrainConfig;
-use crate::fleet::Fleet;
-use crate::gate::{self, Decision, Evidence};
+use crate::gate;
 use crate::history::{CycleRecord, History, Outcome};
-use crate::{now_unix, Result, RetrainError};
+use crate::prepare::{prepare, Prep, Prepared};
+use crate::{Result, RetrainError};
+
+pub use crate::prepare::{eval_set, holdout, window};
 
 /// Deliberate faults, for drills and tests of the safety nets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,12 +53,16 @@ pub struct CycleOptions {
     pub model: String,
     /// The event log: a directory of segments as the user tower writes them, or one file.
     pub events: PathBuf,
+    /// Read the window from this NATS JetStream engagement stream instead of `events`.
+    pub events_stream: Option<tandem_stream::NatsOptions>,
     pub user_features: Option<PathBuf>,
     pub item_features: Option<PathBuf>,
     /// Without a fleet a passing candidate is published but not rolled out.
-    pub fleet: Option<Fleet>,
+    pub fleet: Option<FleetAdmin>,
     /// The homefeed orchestrator the canary probes (no canary without it).
     pub homefeed: Option<String>,
+    /// TLS and timeouts for the canary's homefeed calls.
+    pub client: ClientOptions,
     pub fault: Option<Fault>,
     /// Progress lines for humans (the daemon logs them; the demo prints them).
     pub say: Arc<dyn Fn(&str) + Send + Sync>,
@@ -71,10 +74,12 @@ impl CycleOptions {
             artifacts,
             model: model.to_string(),
             events,
+            events_stream: None,
             user_features: None,
             item_features: None,
             fleet: None,
             homefeed: None,
+            client: ClientOptions::default(),
             fault: None,
             say: Arc::new(|m| tracing::info!("{m}")),
         }
@@ -86,27 +91,6 @@ pub struct Retrainer {
     cfg: RetrainConfig,
     history: History,
     metrics: Arc<tandem_telemetry::Registry>,
-}
-
-/// Everything the CPU-bound part of a cycle produces.
-struct Prepared {
-    model: TwoTower,
-    built: BuiltIndex,
-    train_data: DataRange,
-    heldout_events: usize,
-    /// The newest event of the window (the held-out slice included).
-    seen_until: i64,
-    candidate_metrics: BTreeMap<String, f64>,
-    champion_metrics: Option<BTreeMap<String, f64>>,
-    gate: Vec<Decision>,
-    probes: Vec<ProbeUser>,
-    train_seconds: f64,
-    validation: BTreeMap<String, f64>,
-}
-
-enum Prep {
-    Skip(String),
-    Ready(Box<Prepared>),
 }
 
 impl Retrainer {
@@ -151,12 +135,12 @@ impl Retrainer {
         let started = Instant::now();
         last.outcome = Outcome::Failed;
         last.reason = "interrupted: the retrainer stopped mid-cycle".into();
-        if let (Some(fleet), Some(v)) = (&self.opts.fleet, last.version.clone()) {
+        if let (Some(fleet), Some(v)) = (&self.opts.fleet, last.version) {
             let moved: Vec<String> = fleet
                 .hosts()
                 .await
                 .into_iter()
-                .filter(|h| h.up && h.model_version == v)
+                .filter(|h| h.up && h.model_version == Some(v))
                 .map(|h| h.host)
                 .collect();
             if !moved.is_empty() {
@@ -165,7 +149,9 @@ impl Retrainer {
                         last.reason += &format!("; rolled {} host(s) back from {v}", steps.len());
                         last.rollback = steps;
                     }
-                    Err(e) => last.reason += &format!("; rolling back {v} failed: {e}"),
+                    Err(e) => {
+                        last.reason += &format!("; rolling back {v} failed: {}", error_chain(&e))
+                    }
                 }
             }
         }
@@ -184,7 +170,7 @@ impl Retrainer {
                 return Ok(Some(v));
             }
         }
-        let bad: HashSet<String> = self
+        let bad: HashSet<ModelVersion> = self
             .history
             .cycles()?
             .into_iter()
@@ -196,7 +182,7 @@ impl Retrainer {
             .list(MODELS, &self.opts.model)?
             .into_iter()
             .rev()
-            .find(|v| !bad.contains(&v.to_string())))
+            .find(|v| !bad.contains(v)))
     }
 
     /// Runs one cycle to its end and records it. Never returns an error: failures are outcomes.
@@ -207,10 +193,10 @@ impl Retrainer {
         self.metrics
             .set(&m::RETRAIN_LAST_CYCLE, &outcome, now_unix() as f64);
         let serving = match rec.outcome {
-            Outcome::Deployed => rec.version.as_deref(),
-            _ => rec.champion.as_deref(),
+            Outcome::Deployed => rec.version,
+            _ => rec.champion,
         };
-        if let Some(v) = serving.and_then(|v| v.parse::<ModelVersion>().ok()) {
+        if let Some(v) = serving {
             self.metrics
                 .set(&m::RETRAIN_SERVING_VERSION, &[], v.0 as f64);
         }
@@ -229,7 +215,7 @@ impl Retrainer {
         let mut rec = CycleRecord::new(cycle, now_unix());
         if let Err(e) = self.history.append(&rec) {
             rec.outcome = Outcome::Failed;
-            rec.reason = format!("cannot write the history: {e}");
+            rec.reason = format!("cannot write the history: {}", error_chain(&e));
             return rec;
         }
         self.say(&format!("cycle {cycle}: started"));
@@ -240,18 +226,18 @@ impl Retrainer {
             }
             Err(e) => {
                 rec.outcome = Outcome::Failed;
-                rec.reason = e.to_string();
+                rec.reason = error_chain(&e);
             }
         }
         rec.finished_at = Some(now_unix());
         rec.seconds = started.elapsed().as_secs_f64();
         if let Err(e) = self.history.append(&rec) {
-            tracing::error!(error = %e, "cannot record the cycle outcome");
+            tracing::error!(error = %error_chain(&e), "cannot record the cycle outcome");
         }
         self.say(&format!(
-            "cycle {cycle}: {} {}{}",
+            "cycle {cycle}: {}{}{}",
             rec.outcome.as_str(),
-            rec.version.as_deref().unwrap_or(""),
+            rec.version.map(|v| format!(" {v}")).unwrap_or_default(),
             if rec.reason.is_empty() {
                 String::new()
             } else {
@@ -263,30 +249,17 @@ impl Retrainer {
 
     async fn cycle(&self, rec: &mut CycleRecord) -> Result<(Outcome, String)> {
         let champion = self.champion().await?;
-        rec.champion = champion.map(|v| v.to_string());
-        let opts = self.opts.clone();
-        let cfg = self.cfg.clone();
+        rec.champion = champion;
         self.say(&format!(
             "cycle {}: training a candidate on {} (champion: {})",
             rec.cycle,
-            opts.events.display(),
-            rec.champion.as_deref().unwrap_or("none")
+            self.opts.events_stream.as_ref().map_or_else(
+                || self.opts.events.display().to_string(),
+                |n| format!("stream {} at {}", n.stream, n.url)
+            ),
+            champion.map_or_else(|| "none".to_string(), |v| v.to_string())
         ));
-        let prep = tokio::task::spawn_blocking(move || prepare(&opts, &cfg, champion))
-            .await
-            .map_err(|e| {
-                let what = e
-                    .try_into_panic()
-                    .ok()
-                    .and_then(|p| {
-                        p.downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                    })
-                    .unwrap_or_else(|| "cancelled".into());
-                RetrainError::Invalid(format!("training crashed: {what}"))
-            })??;
-        let p = match prep {
+        let p = match self.prepare(champion).await? {
             Prep::Skip(reason) => return Ok((Outcome::Skipped, reason)),
             Prep::Ready(p) => p,
         };
@@ -312,7 +285,7 @@ impl Retrainer {
         ));
 
         let version = self.publish(&p)?;
-        rec.version = Some(version.to_string());
+        rec.version = Some(version);
         // Recorded before anything moves, so a restart knows which version to undo.
         self.history.append(rec)?;
         self.say(&format!("cycle {}: published {version}", rec.cycle));
@@ -325,25 +298,42 @@ impl Retrainer {
         self.deploy(rec, &fleet, version, champion, &p.probes).await
     }
 
-    /// Publishes index then model under the next free version of either series. The model is
-    /// the commit point: the user tower loads models, and a rollout needs the user tower, so an
-    /// index left alone by a crash is never served.
+    /// The CPU-bound part, on a blocking thread; a panic there (a crashed trainer) is an error.
+    async fn prepare(&self, champion: Option<ModelVersion>) -> Result<Prep> {
+        let opts = self.opts.clone();
+        let cfg = self.cfg.clone();
+        let streamed = match &self.opts.events_stream {
+            Some(n) => Some(read_stream(n, cfg.window.days).await?),
+            None => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let log = match streamed {
+                Some(log) => log,
+                None => EventLog::read(&opts.events, &EventColumns::default())?,
+            };
+            prepare(&opts, &cfg, log, champion)
+        })
+        .await
+        .map_err(|e| {
+            let what = e
+                .try_into_panic()
+                .ok()
+                .and_then(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                })
+                .unwrap_or_else(|| "cancelled".into());
+            RetrainError::Crashed(what)
+        })?
+    }
+
+    /// Publishes index then model under the next free version of either series (the model is
+    /// the commit point; see `tandem_pipeline::publish_together`).
     fn publish(&self, p: &Prepared) -> Result<ModelVersion> {
-        let reg = Registry::open(&self.opts.artifacts);
-        let name = &self.opts.model;
-        let newest = reg
-            .list(MODELS, name)?
-            .into_iter()
-            .chain(reg.list(tandem_index::artifact::INDEXES, name)?)
-            .max()
-            .map_or(0, |v| v.0);
-        let version = ModelVersion(newest + 1);
-        let hash = feature_schema_hash(&p.model);
-        p.built
-            .publish(&self.opts.artifacts, name, version, &hash)?;
-        let meta = ModelManifest {
+        let manifest = tandem_types::ModelManifest {
             dim: self.cfg.model.dim,
-            feature_schema_hash: hash,
+            feature_schema_hash: tandem_model::publish::feature_schema_hash(&p.model),
             data: p.train_data.clone(),
             hyperparameters: serde_json::json!({
                 "model": self.cfg.model,
@@ -354,20 +344,28 @@ impl Retrainer {
             validation: p.validation.clone(),
             train_seconds: p.train_seconds,
         };
-        publish_model(&self.opts.artifacts, name, Some(version), &p.model, &meta)?;
-        Ok(version)
+        Ok(publish_together(
+            &self.opts.artifacts,
+            &self.opts.model,
+            None,
+            &p.model,
+            &manifest,
+            &p.built,
+        )?)
     }
 
+    /// The rollout of a published version: wait for the user tower, measure the champion's
+    /// baseline, then move the canary hosts and the rest of the fleet, watching after each
+    /// phase; any failure rolls back every host this cycle moved.
     async fn deploy(
         &self,
         rec: &mut CycleRecord,
-        fleet: &Fleet,
+        fleet: &FleetAdmin,
         version: ModelVersion,
         champion: Option<ModelVersion>,
         probes: &[ProbeUser],
     ) -> Result<(Outcome, String)> {
         let r = &self.cfg.rollout;
-        let c = &self.cfg.canary;
         fleet
             .wait_user_tower(version, Duration::from_secs(r.user_tower_timeout_s))
             .await?;
@@ -376,107 +374,149 @@ impl Retrainer {
             rec.cycle
         ));
         let probe = match (&self.opts.homefeed, probes.is_empty()) {
-            (Some(url), false) => Some(url.clone()),
+            (Some(url), false) => Some(url.as_str()),
             _ => None,
         };
-        let baseline = match &probe {
-            Some(url) => Some(
-                canary::measure(
+        let baseline = match probe {
+            Some(url) => {
+                let c = &self.cfg.canary;
+                let b = canary::measure(
                     url,
+                    &self.opts.client,
                     probes,
                     c,
                     Duration::ZERO,
                     "baseline",
-                    champion.map(|v| v.to_string()).as_deref(),
+                    champion,
                 )
-                .await?,
-            ),
+                .await?;
+                rec.canary.push(b.clone());
+                Some(b)
+            }
             None => None,
         };
-        if let Some(b) = &baseline {
-            rec.canary.push(b.clone());
-        }
-        let n_canary = if c.hosts == 0 {
-            fleet.hosts.len()
-        } else {
-            c.hosts.min(fleet.hosts.len())
-        };
-        let phases: Vec<(&str, &[String])> = if n_canary < fleet.hosts.len() {
-            vec![
-                ("canary", &fleet.hosts[..n_canary]),
-                ("fleet", &fleet.hosts[n_canary..]),
-            ]
-        } else {
-            vec![("fleet", &fleet.hosts[..])]
-        };
-        let v = version.to_string();
-        for (phase, hosts) in phases {
-            let (steps, moved) = fleet
-                .rollout(
+        let hosts = fleet.host_urls();
+        for (phase, hosts) in self.phases(&hosts) {
+            if let Err(why) = self
+                .roll_phase(
+                    rec,
+                    fleet,
+                    phase,
                     hosts,
                     version,
-                    Duration::from_millis(r.pause_ms),
-                    Duration::from_secs(r.host_timeout_s),
+                    probe,
+                    baseline.as_ref(),
+                    probes,
                 )
-                .await;
-            rec.rollout.extend(steps);
-            if let Err(e) = moved {
-                let why = format!("rollout failed: {e}");
+                .await?
+            {
                 return self.undo(rec, fleet, why).await;
-            }
-            self.say(&format!(
-                "cycle {}: {phase}: {} host(s) on {v}",
-                rec.cycle,
-                rec.rollout.len()
-            ));
-            let (Some(url), Some(base)) = (&probe, &baseline) else {
-                continue;
-            };
-            let mut report: CanaryReport = canary::measure(
-                url,
-                probes,
-                c,
-                Duration::from_secs_f64(c.watch_seconds),
-                phase,
-                Some(&v),
-            )
-            .await?;
-            canary::judge(&mut report, base, c);
-            let passed = report.passed;
-            let why = report.reason.clone();
-            rec.canary.push(report);
-            self.say(&format!(
-                "cycle {}: {phase} watch: {}",
-                rec.cycle,
-                if passed { "ok" } else { "FAILED" }
-            ));
-            if !passed {
-                return self.undo(rec, fleet, format!("canary failed: {why}")).await;
             }
         }
         self.retain();
-        let canary_note = if probe.is_some() {
-            "canary held"
-        } else {
-            "no canary (no homefeed to probe)"
+        let canary_note = match (probe, self.phases(&hosts).len()) {
+            (None, _) => "no canary (no homefeed to probe)",
+            (Some(_), 1) => "watch held (no separate canary phase: the canary covers every host)",
+            (Some(_), _) => "canary held",
         };
         Ok((
             Outcome::Deployed,
-            format!("{v} on {} host(s), {canary_note}", fleet.hosts.len()),
+            format!("{version} on {} host(s), {canary_note}", hosts.len()),
         ))
+    }
+
+    /// The rollout phases: `canary` (the first `[canary] hosts`) and `fleet` (the rest), or
+    /// one `fleet` phase when the canary would cover every host.
+    fn phases<'h>(&self, hosts: &'h [String]) -> Vec<(&'static str, &'h [String])> {
+        let c = self.cfg.canary.hosts;
+        let n_canary = if c == 0 {
+            hosts.len()
+        } else {
+            c.min(hosts.len())
+        };
+        if n_canary < hosts.len() {
+            vec![
+                ("canary", &hosts[..n_canary]),
+                ("fleet", &hosts[n_canary..]),
+            ]
+        } else {
+            vec![("fleet", hosts)]
+        }
+    }
+
+    /// Moves one phase's hosts and watches them. `Ok(Err(why))`: the phase failed and the
+    /// cycle must roll back.
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_phase(
+        &self,
+        rec: &mut CycleRecord,
+        fleet: &FleetAdmin,
+        phase: &str,
+        hosts: &[String],
+        version: ModelVersion,
+        probe: Option<&str>,
+        baseline: Option<&CanaryReport>,
+        probes: &[ProbeUser],
+    ) -> Result<Result<(), String>> {
+        let r = &self.cfg.rollout;
+        let (steps, moved) = fleet
+            .rollout(
+                hosts,
+                version,
+                Duration::from_millis(r.pause_ms),
+                Duration::from_secs(r.host_timeout_s),
+            )
+            .await;
+        rec.rollout.extend(steps);
+        if let Err(e) = moved {
+            return Ok(Err(format!("rollout failed: {}", error_chain(&e))));
+        }
+        self.say(&format!(
+            "cycle {}: {phase}: {} host(s) on {version}",
+            rec.cycle,
+            rec.rollout.len()
+        ));
+        let (Some(url), Some(base)) = (probe, baseline) else {
+            return Ok(Ok(()));
+        };
+        let c = &self.cfg.canary;
+        let watch = Duration::from_secs_f64(c.watch_seconds);
+        let mut report = canary::measure(
+            url,
+            &self.opts.client,
+            probes,
+            c,
+            watch,
+            phase,
+            Some(version),
+        )
+        .await?;
+        canary::judge(&mut report, base, c);
+        let (passed, why) = (report.passed, report.reason.clone());
+        rec.canary.push(report);
+        self.say(&format!(
+            "cycle {}: {phase} watch: {}",
+            rec.cycle,
+            if passed { "ok" } else { "FAILED" }
+        ));
+        Ok(if passed {
+            Ok(())
+        } else {
+            Err(format!("canary failed: {why}"))
+        })
     }
 
     /// Rolls back every host this cycle moved.
     async fn undo(
         &self,
         rec: &mut CycleRecord,
-        fleet: &Fleet,
+        fleet: &FleetAdmin,
         why: String,
     ) -> Result<(Outcome, String)> {
         let moved: Vec<String> = rec
             .rollout
             .iter()
-            .filter(|s| s.from != s.to)
+            .filter(|s| s.moved())
             .map(|s| s.host.clone())
             .collect();
         self.say(&format!(
@@ -491,7 +531,7 @@ impl Retrainer {
             }
             Err(e) => Ok((
                 Outcome::Failed,
-                format!("{why}; and the rollback failed: {e}"),
+                format!("{why}; and the rollback failed: {}", error_chain(&e)),
             )),
         }
     }
@@ -503,11 +543,11 @@ impl Retrainer {
         let name = &self.opts.model;
         let pinned: BTreeSet<ModelVersion> =
             tandem_registry::Storage::pinned(&reg.storage, MODELS, name).unwrap_or_default();
-        for kind in [MODELS, tandem_index::artifact::INDEXES] {
+        for kind in [MODELS, INDEXES] {
             match reg.collect(kind, name, keep, &pinned) {
                 Ok(gone) if !gone.is_empty() => tracing::info!(kind, removed = ?gone, "retention"),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(kind, error = %e, "retention failed"),
+                Err(e) => tracing::warn!(kind, error = %error_chain(&e), "retention failed"),
             }
         }
     }
@@ -542,170 +582,20 @@ impl Retrainer {
     }
 }
 
-/// The events of the last `days` before the newest one.
-pub fn window(log: &EventLog, days: f64) -> EventLog {
-    let newest = log.ts.iter().copied().max().unwrap_or(0);
-    let from = newest - (days * 86_400.0) as i64;
-    let idx: Vec<u32> = (0..log.len() as u32)
-        .filter(|&e| log.ts[e as usize] >= from)
-        .collect();
-    log.subset(&idx)
-}
-
-/// The most recent `fraction` of `window` (by time) held out; the rest is for training.
-pub fn holdout(window: &EventLog, fraction: f64) -> Result<Split> {
-    let order = window.time_order();
-    let n_test = ((order.len() as f64) * fraction).round() as usize;
-    if n_test == 0 || n_test >= order.len() {
-        return Err(RetrainError::Invalid(format!(
-            "{} events in the window: too few to hold out a slice",
-            order.len()
-        )));
+/// The training window from the engagement stream: every message published in the last
+/// `days` plus a day (events carry their own times; [`crate::prepare::window`] cuts by those).
+async fn read_stream(n: &tandem_stream::NatsOptions, days: f64) -> Result<EventLog> {
+    let stream = tandem_stream::EventStream::connect(n)
+        .await
+        .map_err(|e| RetrainError::Stream(e.to_string()))?;
+    let since = tandem_types::clock::now_unix() - ((days + 1.0) * 86_400.0) as i64;
+    let events = stream
+        .read_since(since)
+        .await
+        .map_err(|e| RetrainError::Stream(e.to_string()))?;
+    let mut log = EventLog::default();
+    for e in &events {
+        log.push(&e.user, &e.item, e.ts, e.weight);
     }
-    Ok(Split {
-        train: order[..order.len() - n_test].to_vec(),
-        test: order[order.len() - n_test..].to_vec(),
-    })
-}
-
-/// The held-out users the gate scores: a seeded sample of at most `eval_users`.
-pub fn eval_set(window: &EventLog, split: &Split, cfg: &RetrainConfig) -> EvalSet {
-    EvalSet::new(window, split).sample(cfg.window.eval_users, cfg.train.seed)
-}
-
-/// Reads the window, trains, evaluates candidate and champion, builds the index and applies the
-/// gate. CPU-bound: runs on a blocking thread.
-fn prepare(
-    opts: &CycleOptions,
-    cfg: &RetrainConfig,
-    champion: Option<ModelVersion>,
-) -> Result<Prep> {
-    let window = window(
-        &EventLog::read(&opts.events, &EventColumns::default())?,
-        cfg.window.days,
-    );
-    let newest = window.ts.iter().copied().max().unwrap_or(0);
-
-    let champ = match champion {
-        Some(v) => {
-            let dir = tandem_artifact::version_dir(&opts.artifacts, MODELS, &opts.model, v);
-            let manifest = tandem_model::model::open(&dir)?;
-            // A retrained version records the newest event its cycle saw (held-out slice
-            // included); other versions saw their training data.
-            let seen = manifest.meta.hyperparameters["seen_until"]
-                .as_i64()
-                .unwrap_or(manifest.meta.data.max_timestamp);
-            Some((TwoTower::load(&dir)?, seen))
-        }
-        None => None,
-    };
-    if let Some((_, seen_until)) = &champ {
-        let fresh = window.ts.iter().filter(|&&t| t > *seen_until).count();
-        if fresh < cfg.window.min_new_events {
-            return Ok(Prep::Skip(format!(
-                "{fresh} events newer than the champion's data (need {})",
-                cfg.window.min_new_events
-            )));
-        }
-    }
-
-    let split = holdout(&window, cfg.window.holdout_fraction)?;
-    let n_test = split.test.len();
-    let mut train_log = window.subset(&split.train);
-    if opts.fault == Some(Fault::ShuffleTrainItems) {
-        shuffle_items(&mut train_log, cfg.train.seed);
-    }
-    let read = |p: &Option<PathBuf>, key: &str| -> Result<Option<FeatureTable>> {
-        Ok(match p {
-            Some(p) => Some(FeatureTable::read(p, key, None)?),
-            None => None,
-        })
-    };
-    let user_features = read(&opts.user_features, "user_id")?;
-    let item_features = read(&opts.item_features, "item_id")?;
-    if opts.fault == Some(Fault::CrashTraining) {
-        panic!("fault injected: crash-training");
-    }
-    let input = TrainInput {
-        log: &train_log,
-        user_features: user_features.as_ref(),
-        item_features: item_features.as_ref(),
-        validation: Some(Protocol::Global),
-    };
-    let (model, report) = train(&input, &cfg.model, &cfg.train, false)?;
-
-    let set = eval_set(&window, &split, cfg);
-    let evaluate = |m: &TwoTower| -> Result<BTreeMap<String, f64>> {
-        let ranker = ModelRanker {
-            model: m,
-            log: &window,
-            items: None,
-        };
-        Ok(metrics(&set, &ranker.recommend(&set, 100)?).values)
-    };
-    let candidate_metrics = evaluate(&model)?;
-    let champion_metrics = match &champ {
-        Some((m, _)) => Some(evaluate(m)?),
-        None => None,
-    };
-
-    let queries = history_queries(&model, &window, 1000)?;
-    let user_norm_error = max_norm_error(&queries.0, cfg.model.dim);
-    let built = build_index(&model, &HnswParams::default(), queries)?;
-    let norm_error = if user_norm_error.is_nan() || built.item_norm_error.is_nan() {
-        f64::NAN
-    } else {
-        user_norm_error.max(built.item_norm_error)
-    };
-    let gate = gate::evaluate(
-        &cfg.gate,
-        &Evidence {
-            candidate: candidate_metrics.clone(),
-            champion: champion_metrics.clone(),
-            ann_recall_at_10: built.ann_recall_at_10,
-            max_norm_error: norm_error,
-        },
-    );
-    let probes = set
-        .users
-        .iter()
-        .zip(&set.truth)
-        .take(cfg.canary.probe_users)
-        .map(|(&u, truth)| ProbeUser {
-            user: window.users.name(u).to_string(),
-            targets: truth
-                .iter()
-                .map(|&i| window.items.name(i).to_string())
-                .collect(),
-        })
-        .collect();
-    Ok(Prep::Ready(Box::new(Prepared {
-        model,
-        built,
-        train_data: train_log.data_range(),
-        heldout_events: n_test,
-        seen_until: newest,
-        candidate_metrics,
-        champion_metrics,
-        gate,
-        probes,
-        train_seconds: report.seconds,
-        validation: report.validation,
-    })))
-}
-
-/// Permutes the item ids of every event (seeded): same popularity, no real user–item signal.
-fn shuffle_items(log: &mut EventLog, seed: u64) {
-    let n = log.items.len();
-    let mut perm: Vec<u32> = (0..n as u32).collect();
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for i in (1..n).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        perm.swap(i, (s % (i as u64 + 1)) as usize);
-    }
-    for it in &mut log.item {
-        *it = perm[*it as usize];
-    }
+    Ok(log)
 }

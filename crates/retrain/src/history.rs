@@ -10,10 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tandem_types::DataRange;
+use tandem_client::Step;
+use tandem_types::{DataRange, ModelVersion};
 
 use crate::canary::CanaryReport;
-use crate::fleet::Step;
 use crate::gate::Decision;
 use crate::{io_err, Result};
 
@@ -61,10 +61,10 @@ pub struct CycleRecord {
     pub reason: String,
     /// The version serving when the cycle started.
     #[serde(default)]
-    pub champion: Option<String>,
+    pub champion: Option<ModelVersion>,
     /// The candidate's version once published.
     #[serde(default)]
-    pub version: Option<String>,
+    pub version: Option<ModelVersion>,
     #[serde(default)]
     pub train_data: Option<DataRange>,
     #[serde(default)]
@@ -172,8 +172,7 @@ impl History {
                 line.push(b'\n');
             }
         }
-        serde_json::to_writer(&mut line, r)
-            .map_err(|e| crate::RetrainError::Invalid(e.to_string()))?;
+        serde_json::to_writer(&mut line, r)?;
         line.push(b'\n');
         f.write_all(&line).map_err(io_err(&self.path))?;
         f.sync_data().map_err(io_err(&self.path))?;

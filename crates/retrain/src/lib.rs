@@ -17,21 +17,19 @@
 //! interrupted is recorded as failed and any host it had moved is rolled back.
 //!
 //! - [`config`]: the TOML configuration (window, model, training, gate, canary, rollout).
-//! - [`candidate`]: index building and embedding sanity shared with `tandem index`.
-//! - [`plot`]: the metrics-across-versions chart of `tandem history --plot` (SVG or PNG).
+//!
+//! Training, index building and publishing go through `tandem-pipeline`; fleet operations
+//! through `tandem-client`'s [`FleetAdmin`](tandem_client::FleetAdmin).
 
 pub mod canary;
-pub mod candidate;
 pub mod config;
 pub mod cycle;
-pub mod fleet;
 pub mod gate;
 pub mod history;
-pub mod plot;
+mod prepare;
 
 pub use config::RetrainConfig;
 pub use cycle::{CycleOptions, Fault, Retrainer};
-pub use fleet::Fleet;
 pub use history::{CycleRecord, History, Outcome};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,32 +39,31 @@ pub enum RetrainError {
     #[error(transparent)]
     Model(#[from] tandem_model::ModelError),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Index(#[from] tandem_index::IndexError),
+    Pipeline(#[from] tandem_pipeline::PipelineError),
     #[error(transparent)]
     Artifact(#[from] tandem_artifact::ArtifactError),
     #[error(transparent)]
     Registry(#[from] tandem_registry::RegistryError),
-    #[error("{url}: {code:?}: {message}")]
-    Rpc {
-        url: String,
-        code: tonic::Code,
-        message: String,
-    },
-    #[error("{url}: cannot connect: {message}")]
-    Connect { url: String, message: String },
+    #[error(transparent)]
+    Client(#[from] tandem_client::ClientError),
+    #[error(transparent)]
+    Fleet(#[from] tandem_client::FleetError),
     #[error("{path}: {message}")]
     Config { path: String, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: String,
+        #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Fleet(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("writing the history: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("reading the engagement stream: {0}")]
+    Stream(String),
+    #[error("training crashed: {0}")]
+    Crashed(String),
+    #[error("{events} events in the window: too few to hold out a slice")]
+    TooFewEvents { events: usize },
 }
 
 pub type Result<T, E = RetrainError> = std::result::Result<T, E>;
@@ -76,12 +73,4 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> R
         path: path.display().to_string(),
         source,
     }
-}
-
-/// Seconds since the Unix epoch.
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

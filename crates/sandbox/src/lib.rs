@@ -1,153 +1,41 @@
-//! The in-process cluster harness behind the integration tests and `tandem sim rollout`.
-//!
-//! [`SandboxBuilder`] trains two small model versions (different seeds), publishes their models
-//! and indexes into a temporary artifact store, and starts N ANN hosts, a user tower and a
-//! homefeed orchestrator in-process on `127.0.0.1:0`, each with its own shutdown handle. Tests
-//! wait on predicates ([`wait_until`]), never on fixed sleeps.
+//! The test harness: an in-process cluster ([`tandem_cluster`]) with two small model versions
+//! trained with different seeds in a temporary artifact store, and short helpers that panic with
+//! a clear message instead of returning errors — so a test reads as its scenario. Production
+//! commands never depend on this crate.
 
 pub mod scenario;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tandem_ann::{AnnConfig, AnnHost};
-use tandem_data::synth::{generate, SynthConfig};
+use tandem_client::{AnnClient, ClientOptions, HomefeedClient};
+use tandem_cluster::ClusterBuilder;
+pub use tandem_cluster::Service;
 use tandem_homefeed::{HomefeedConfig, Orchestrator};
-use tandem_index::HnswParams;
-use tandem_model::config::{ModelConfig, TrainConfig};
-use tandem_model::publish::publish_model;
-use tandem_model::train::{train, TrainInput};
 use tandem_model::TwoTower;
-use tandem_proto::ann::v1 as ann;
-use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
-use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
-use tandem_retrain::candidate::{build_index, profile_queries};
-use tandem_types::{ModelManifest, ModelVersion};
-use tandem_usertower::{UserTower, UserTowerConfig};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tandem_types::{ModelVersion, MODELS};
 
 pub const MODEL: &str = "tandem";
 pub const TOKEN: &str = "admin";
 
-/// One running in-process server.
-pub struct Service {
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Service {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Graceful shutdown: drain, then return.
-    pub async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-
-    /// A crash: the server task is aborted, its connections drop mid-flight.
-    pub fn kill(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        self.stop.take();
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn spawn<F, Fut>(run: F) -> Service
-where
-    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(run(listener, rx));
-    Service {
-        addr,
-        stop: Some(tx),
-        task: Some(task),
-    }
-}
-
-/// Polls `pred` until it holds (bounded by `timeout`).
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut pred: F)
+/// Polls `pred` until it holds; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, pred: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !pred().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Err(e) = tandem_cluster::wait_for(timeout, what, pred).await {
+        panic!("{e}");
     }
 }
 
-/// Trains version `seed` of a small model and publishes its model and index.
+/// Publishes the next version of a small synthetic model trained with `seed` (model and index).
 pub fn publish_version(root: &Path, seed: u64) {
-    let data = generate(&SynthConfig {
-        users: 200,
-        items: 300,
-        events: 8_000,
-        topics: 6,
-        seed: 11,
-        ..Default::default()
-    });
-    let input = TrainInput {
-        log: &data.events,
-        user_features: None,
-        item_features: None,
-        validation: None,
-    };
-    let mcfg = ModelConfig {
-        dim: 16,
-        id_dim: 16,
-        feature_dim: 4,
-        hidden: 32,
-        history: 10,
-        ..Default::default()
-    };
-    let tcfg = TrainConfig {
-        epochs: 3,
-        batch_size: 256,
-        lr: 5e-3,
-        seed,
-        ..Default::default()
-    };
-    let (model, _) = train(&input, &mcfg, &tcfg, false).expect("train");
-    let meta = ModelManifest {
-        dim: 16,
-        data: data.events.data_range(),
-        hyperparameters: serde_json::json!({}),
-        ..Default::default()
-    };
-    let published = publish_model(root, MODEL, None, &model, &meta).expect("publish model");
-    // Index what was published (the reloaded model), as `tandem index` does.
-    let loaded = TwoTower::load(&published.dir).expect("reload");
-    let queries = profile_queries(&loaded, 200).expect("recall queries");
-    let built = build_index(&loaded, &HnswParams::default(), queries).expect("index");
-    built
-        .publish(root, MODEL, published.version, &meta.feature_schema_hash)
-        .expect("publish index");
+    tandem_pipeline::publish_small_synthetic(root, MODEL, seed)
+        .expect("train and publish a sandbox version");
 }
 
 type Bootstrap = Box<dyn FnOnce(&Path) + Send>;
@@ -157,7 +45,7 @@ pub struct SandboxBuilder {
     keep: usize,
     configure: Box<dyn FnOnce(&mut HomefeedConfig) + Send>,
     bootstrap: Bootstrap,
-    root: Option<std::path::PathBuf>,
+    root: Option<PathBuf>,
 }
 
 impl SandboxBuilder {
@@ -176,7 +64,7 @@ impl SandboxBuilder {
     }
 
     /// Keeps the artifact store (and event log) in `dir` instead of a temporary directory.
-    pub fn root(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+    pub fn root(mut self, dir: impl Into<PathBuf>) -> Self {
         self.root = Some(dir.into());
         self
     }
@@ -220,83 +108,23 @@ impl SandboxBuilder {
         tokio::task::spawn_blocking(move || boot(&root))
             .await
             .expect("bootstrap");
-        let published = tandem_artifact_count(dir.path());
-
-        let mut ut_cfg =
-            UserTowerConfig::new(dir.path().to_path_buf(), MODEL, dir.path().join("events"));
-        ut_cfg.keep = self.keep;
-        ut_cfg.poll = Duration::from_millis(50);
-        let core = Arc::new(UserTower::open(ut_cfg).expect("user tower"));
-        let user_tower = spawn(|l, rx| {
-            let core = core.clone();
-            async move {
-                let _ = tandem_usertower::serve(core, l, async move {
-                    let _ = rx.await;
-                })
-                .await;
-            }
-        })
-        .await;
-        let want = self.keep.min(published);
-        let probe = core.clone();
-        wait_until(Duration::from_secs(30), "user tower versions", || {
-            let n = probe.loaded().len();
-            async move { n >= want }
-        })
-        .await;
-
-        let mut hosts = Vec::new();
-        for &v in &self.hosts {
-            let host = Arc::new(AnnHost::new(AnnConfig {
-                artifacts: dir.path().to_path_buf(),
-                model: MODEL.into(),
-                version: Some(ModelVersion(v)),
-                admin_token: Some(TOKEN.into()),
-                max_k: 1000,
-            }));
-            let probe = host.clone();
-            hosts.push(
-                spawn(|l, rx| async move {
-                    let _ = tandem_ann::serve(host, l, async move {
-                        let _ = rx.await;
-                    })
-                    .await;
-                })
-                .await,
-            );
-            wait_until(Duration::from_secs(30), "ANN host load", || {
-                let ok = probe.serving().is_some();
-                async move { ok }
-            })
-            .await;
-        }
-
-        let mut cfg = HomefeedConfig::new(
-            MODEL,
-            hosts.iter().map(Service::url).collect(),
-            user_tower.url(),
-        );
-        (self.configure)(&mut cfg);
-        let orchestrator = Arc::new(Orchestrator::new(cfg).expect("orchestrator"));
-        let homefeed = spawn(|l, rx| {
-            let o = orchestrator.clone();
-            async move {
-                let _ = tandem_homefeed::serve(o, l, async move {
-                    let _ = rx.await;
-                })
-                .await;
-            }
-        })
-        .await;
-        let client = HomefeedClient::connect(homefeed.url())
+        let hosts: Vec<ModelVersion> = self.hosts.iter().map(|&v| ModelVersion(v)).collect();
+        let c = ClusterBuilder::new(dir.path(), MODEL, &hosts)
+            .keep(self.keep)
+            .admin_token(TOKEN)
+            // The naive-mode scenario measures what skew costs.
+            .measurement_hosts(true)
+            .homefeed(self.configure)
+            .start()
             .await
-            .expect("connect homefeed");
+            .expect("start the sandbox cluster");
+        let client = c.homefeed_client().expect("homefeed client");
         Sandbox {
             dir,
-            hosts,
-            user_tower,
-            homefeed,
-            orchestrator,
+            hosts: c.hosts,
+            user_tower: c.user_tower,
+            homefeed: c.homefeed,
+            orchestrator: c.orchestrator,
             client,
         }
     }
@@ -304,7 +132,7 @@ impl SandboxBuilder {
 
 /// The sandbox's artifact root: a temporary directory unless one was given.
 pub struct Root {
-    path: std::path::PathBuf,
+    path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -321,7 +149,7 @@ pub struct Sandbox {
     pub user_tower: Service,
     pub homefeed: Service,
     pub orchestrator: Arc<Orchestrator>,
-    pub client: HomefeedClient<Channel>,
+    pub client: HomefeedClient,
 }
 
 impl Sandbox {
@@ -330,67 +158,51 @@ impl Sandbox {
         self.hosts.iter().map(Service::url).collect()
     }
 
-    pub fn events_dir(&self) -> std::path::PathBuf {
+    pub fn events_dir(&self) -> PathBuf {
         self.dir.path().join("events")
     }
 
-    /// The offline models of every published version, for exact ground truth.
-    pub fn models(&self) -> BTreeMap<String, TwoTower> {
+    /// The offline models of v1 and v2, for exact ground truth.
+    pub fn models(&self) -> BTreeMap<ModelVersion, TwoTower> {
         (1..=2u64)
             .map(|v| {
-                let dir = tandem_artifact_dir(self.dir.path(), ModelVersion(v));
-                (
-                    ModelVersion(v).to_string(),
-                    TwoTower::load(&dir).expect("load model"),
-                )
+                let dir =
+                    tandem_artifact::version_dir(self.dir.path(), MODELS, MODEL, ModelVersion(v));
+                (ModelVersion(v), TwoTower::load(&dir).expect("load model"))
             })
             .collect()
     }
+
+    /// Fleet operations over every host, with the admin token.
+    pub fn fleet(&self) -> tandem_client::FleetAdmin {
+        tandem_client::FleetAdmin::new(
+            &self.host_urls(),
+            &self.user_tower.url(),
+            self.dir.path().to_path_buf(),
+            MODEL,
+            &admin_options(),
+        )
+        .expect("fleet")
+    }
 }
 
-fn tandem_artifact_count(root: &Path) -> usize {
-    tandem_registry::Registry::open(root)
-        .list(tandem_registry::MODELS, MODEL)
-        .map(|v| v.len())
-        .unwrap_or(0)
-}
-
-fn tandem_artifact_dir(root: &Path, v: ModelVersion) -> std::path::PathBuf {
-    root.join("models").join(MODEL).join(v.to_string())
+/// Client options with the sandbox's admin token.
+pub fn admin_options() -> ClientOptions {
+    ClientOptions::default().with_admin_token(TOKEN)
 }
 
 /// An admin client for one ANN host.
-pub async fn admin(url: &str) -> AnnSearchClient<Channel> {
-    AnnSearchClient::connect(url.to_string())
-        .await
-        .expect("connect host")
-}
-
-fn with_token<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("header"),
-    );
-    r
+pub fn admin(url: &str) -> AnnClient {
+    AnnClient::lazy(url, &admin_options()).expect("ANN client")
 }
 
 /// Moves ANN host `url` to `version` (as a rollout step does).
 pub async fn load(url: &str, version: &str) {
-    admin(url)
-        .await
-        .load_version(with_token(ann::LoadVersionRequest {
-            version: version.into(),
-        }))
-        .await
-        .expect("load version");
+    let v: ModelVersion = version.parse().expect("version");
+    admin(url).load(v, None).await.expect("load version");
 }
 
 /// Rolls ANN host `url` back to its previous version.
 pub async fn rollback(url: &str) {
-    admin(url)
-        .await
-        .rollback(with_token(ann::RollbackRequest {}))
-        .await
-        .expect("rollback");
+    admin(url).rollback(None).await.expect("rollback");
 }

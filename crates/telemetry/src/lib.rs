@@ -54,7 +54,9 @@ impl Drop for Telemetry {
 /// Installs the global subscriber for a process named `service` (the OpenTelemetry
 /// `service.name`, unless `OTEL_SERVICE_NAME` says otherwise).
 pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
+    // Colour only on a terminal: files and `docker compose logs` get plain text.
     let logs = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_filter(
             tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")

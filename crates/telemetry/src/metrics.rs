@@ -116,6 +116,18 @@ pub mod catalogue {
         "tandem_usertower_events_total",
         "Engagement events received, by result (accepted, rejected).",
     );
+    pub const UT_LOAD_FAILURES: Metric = Metric::counter(
+        "tandem_usertower_version_load_failures_total",
+        "Model versions that failed to load or verify (skipped, never served), by version.",
+    );
+    pub const UT_REPLICATION_LAG: Metric = Metric::gauge(
+        "tandem_usertower_replication_lag_seconds",
+        "How stale this replica's engagement state is: the age of the oldest stream message it has not applied (0 when caught up).",
+    );
+    pub const UT_APPLIED_SEQUENCE: Metric = Metric::gauge(
+        "tandem_usertower_applied_sequence",
+        "The last engagement-stream sequence this replica applied (the local log's event count in embedded mode).",
+    );
 
     pub const HF_HOSTS_PER_VERSION: Metric = Metric::gauge(
         "tandem_homefeed_hosts_per_version",
@@ -172,6 +184,9 @@ pub mod catalogue {
         UT_EMBEDDINGS,
         UT_VERSION_REFUSALS,
         UT_EVENTS,
+        UT_REPLICATION_LAG,
+        UT_APPLIED_SEQUENCE,
+        UT_LOAD_FAILURES,
         HF_HOSTS_PER_VERSION,
         HF_VERSIONS_LIVE,
         HF_HOSTS_UNREACHABLE,

@@ -19,6 +19,7 @@ impl From<UserTowerError> for Status {
             UserTowerError::VersionNotLoaded { .. } => Status::not_found(msg),
             UserTowerError::NothingLoaded => Status::unavailable(msg),
             UserTowerError::Log(_) => Status::unavailable(msg),
+            UserTowerError::Behind { .. } | UserTowerError::NotReady(_) => Status::unavailable(msg),
             UserTowerError::Internal(_) => Status::internal(msg),
         }
     }
@@ -45,15 +46,12 @@ impl UserTowerGrpc {
     }
 
     async fn record(&self, events: Vec<Event>) -> Result<pb::RecordResponse, Status> {
-        let core = self.core.clone();
-        // Appending (and fsyncing) is blocking I/O.
-        let out = tokio::task::spawn_blocking(move || core.record(events))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let out = self.core.record(events).await?;
         Ok(pb::RecordResponse {
             accepted: out.accepted,
             rejected: out.rejected,
             errors: out.errors,
+            sequence: out.sequence,
         })
     }
 }
@@ -65,6 +63,12 @@ impl UserTowerRpc for UserTowerGrpc {
         req: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let r = req.into_inner();
+        let model_version: tandem_types::ModelVersion =
+            r.model_version
+                .parse()
+                .map_err(|e: tandem_types::ParseVersionError| {
+                    Status::invalid_argument(format!("model_version: {e}"))
+                })?;
         let model_name = self.core.config().model.clone();
         let span = tracing::info_span!(
             "usertower.embed",
@@ -75,11 +79,12 @@ impl UserTowerRpc for UserTowerGrpc {
             .core
             .embed(EmbedInput {
                 model_name: r.model_name,
-                model_version: r.model_version,
+                model_version,
                 user_id: r.user_id,
                 recent_items: r.recent_items,
                 features: r.features.into_iter().collect(),
                 request_time: r.request_time_unix,
+                min_sequence: r.min_sequence,
             })
             .instrument(span.clone())
             .await?;
@@ -130,9 +135,16 @@ impl UserTowerRpc for UserTowerGrpc {
         &self,
         req: Request<pb::EngagementBatch>,
     ) -> Result<Response<pb::RecordResponse>, Status> {
+        let events = req.into_inner().events;
+        if events.len() > crate::service::MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {} events, got {}",
+                crate::service::MAX_BATCH,
+                events.len()
+            )));
+        }
         Ok(Response::new(
-            self.record(req.into_inner().events.into_iter().map(event).collect())
-                .await?,
+            self.record(events.into_iter().map(event).collect()).await?,
         ))
     }
 
@@ -151,9 +163,24 @@ impl UserTowerRpc for UserTowerGrpc {
                 batch.push(event(msg?));
             }
             if batch.len() >= 256 || (end && !batch.is_empty()) {
-                let out = self.record(std::mem::take(&mut batch)).await?;
+                // Each batch of the stream commits on its own: on a failure, say how many
+                // events before it were committed (the failed batch itself left nothing).
+                let committed = total.accepted;
+                let out = self
+                    .record(std::mem::take(&mut batch))
+                    .await
+                    .map_err(|s| {
+                        Status::new(
+                            s.code(),
+                            format!(
+                                "{} ({committed} events of this stream were committed before the failure)",
+                                s.message()
+                            ),
+                        )
+                    })?;
                 total.accepted += out.accepted;
                 total.rejected += out.rejected;
+                total.sequence = total.sequence.max(out.sequence);
                 total
                     .errors
                     .extend(out.errors.into_iter().take(10 - total.errors.len().min(10)));

@@ -1,8 +1,9 @@
 //! Online user state and the durable engagement log.
 //!
-//! **State.** Per user, a ring of the last `L` item ids (interned `u32`s) plus the last event
-//! time. Memory per user is `≈ 4·L + 80 bytes + the id string`: 280 bytes plus the id at L = 50
-//! (see [`OnlineStore::approx_bytes`]); item strings are stored once for all users.
+//! **State.** Per user, a ring of the last `cap` (item, time) pairs (interned `u32` ids and
+//! `u32` unix seconds, grown on demand) plus the last event time. Memory per user is
+//! `≈ 8·n + 80 bytes + the id string` for `n ≤ cap` recent events (see
+//! [`OnlineStore::approx_bytes`]); item strings are stored once for all users.
 //! Recency is arrival order: the history is what the service saw last, which is what a request
 //! right now should reflect.
 //!
@@ -19,6 +20,8 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub use tandem_data::events::{Event, SEGMENT_HEADER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
@@ -39,17 +42,9 @@ impl std::str::FromStr for Fsync {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub user: String,
-    pub item: String,
-    pub ts: i64,
-    pub action: String,
-    pub weight: f32,
-}
-
 struct UserState {
-    recent: VecDeque<u32>,
+    /// (item, unix seconds) of the most recent events, oldest first.
+    recent: VecDeque<(u32, u32)>,
     last_ts: i64,
 }
 
@@ -86,23 +81,32 @@ impl OnlineStore {
             .users
             .entry(user.to_string())
             .or_insert_with(|| UserState {
-                recent: VecDeque::with_capacity(cap),
+                recent: VecDeque::new(),
                 last_ts: ts,
             });
         if state.recent.len() == cap {
             state.recent.pop_front();
         }
-        state.recent.push_back(id);
+        state
+            .recent
+            .push_back((id, ts.clamp(0, u32::MAX as i64) as u32));
         state.last_ts = state.last_ts.max(ts);
     }
 
-    /// The user's recent items, most recent first (empty for unknown users).
-    pub fn history(&self, user: &str) -> Vec<&str> {
+    /// Records `events` in order.
+    pub fn record_all(&mut self, events: &[Event]) {
+        for e in events {
+            self.record(&e.user, &e.item, e.ts);
+        }
+    }
+
+    /// The user's recent items with their times, most recent first (empty for unknown users).
+    pub fn history(&self, user: &str) -> Vec<(&str, i64)> {
         self.users.get(user).map_or_else(Vec::new, |s| {
             s.recent
                 .iter()
                 .rev()
-                .map(|&i| self.item_ids[i as usize].as_str())
+                .map(|&(i, t)| (self.item_ids[i as usize].as_str(), t as i64))
                 .collect()
         })
     }
@@ -119,7 +123,7 @@ impl OnlineStore {
             .map(|(k, s)| {
                 std::mem::size_of::<(String, UserState)>()
                     + k.capacity()
-                    + 4 * s.recent.capacity()
+                    + 8 * s.recent.capacity()
                     + 8
             })
             .sum();
@@ -132,12 +136,18 @@ impl OnlineStore {
     }
 }
 
-pub const SEGMENT_HEADER: &[u8] = b"user_id,item_id,timestamp,action,weight\n";
-
 /// Appends events to segment files.
+///
+/// An append is all or nothing: the batch is encoded first and written with one `write_all`;
+/// if that or the fsync fails (a full disk), the segment is cut back to its length before the
+/// call, so a failed request leaves the log exactly as it was and the next acknowledged event
+/// starts on a clean record boundary. A new segment is created lazily, on the first append
+/// after a start or a rollover, so a service restarted on a full disk still starts (and serves
+/// reads); a rollover that cannot create its file is retried on the next append.
 pub struct EventLogWriter {
     dir: PathBuf,
-    file: File,
+    /// The open segment, or none until the first append needs one.
+    file: Option<File>,
     segment: u64,
     bytes: u64,
     max_bytes: u64,
@@ -169,29 +179,17 @@ impl EventLogWriter {
                 f.set_len(complete as u64).map_err(|e| io_err(seg, e))?;
                 f.sync_all().map_err(|e| io_err(seg, e))?;
             }
-            let mut reader = csv::ReaderBuilder::new()
-                .has_headers(true)
-                .from_reader(&bytes[..complete]);
-            for rec in reader.records() {
-                let rec = rec.map_err(|e| format!("{}: {e}", seg.display()))?;
-                let get = |i: usize| rec.get(i).unwrap_or("").to_string();
-                events.push(Event {
-                    user: get(0),
-                    item: get(1),
-                    ts: get(2).parse().unwrap_or(0),
-                    action: get(3),
-                    weight: get(4).parse().unwrap_or(1.0),
-                });
-            }
+            events.extend(
+                tandem_data::events::decode_rows(&bytes[..complete], true)
+                    .map_err(|e| format!("{}: {e}", seg.display()))?,
+            );
         }
-        let segment = last + 1;
-        let (file, bytes) = Self::create_segment(dir, segment, fsync)?;
         Ok((
             EventLogWriter {
                 dir: dir.to_path_buf(),
-                file,
-                segment,
-                bytes,
+                file: None,
+                segment: last + 1,
+                bytes: 0,
                 max_bytes,
                 fsync,
             },
@@ -199,54 +197,72 @@ impl EventLogWriter {
         ))
     }
 
-    fn create_segment(dir: &Path, n: u64, fsync: Fsync) -> Result<(File, u64), String> {
-        let path = dir.join(format!("segment-{n:06}.csv"));
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        file.write_all(SEGMENT_HEADER)
-            .map_err(|e| io_err(&path, e))?;
-        if fsync == Fsync::Always {
-            file.sync_all().map_err(|e| io_err(&path, e))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(dir, e))?;
-        }
-        Ok((file, SEGMENT_HEADER.len() as u64))
+    fn path(&self) -> PathBuf {
+        self.dir.join(format!("segment-{:06}.csv", self.segment))
     }
 
-    /// Appends `events` as one write (and one fsync under [`Fsync::Always`]).
+    /// Creates segment `self.segment` with its header. A failure removes the half-made file.
+    fn create_segment(&mut self) -> Result<(), String> {
+        let path = self.path();
+        let result = (|| -> std::io::Result<File> {
+            let mut file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)?;
+            file.write_all(SEGMENT_HEADER)?;
+            if self.fsync == Fsync::Always {
+                file.sync_all()?;
+                File::open(&self.dir)?.sync_all()?;
+            }
+            Ok(file)
+        })();
+        match result {
+            Ok(file) => {
+                self.file = Some(file);
+                self.bytes = SEGMENT_HEADER.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(io_err(&path, e))
+            }
+        }
+    }
+
+    /// Appends `events` as one write (and one fsync under [`Fsync::Always`]): all of them or,
+    /// on error, none.
     pub fn append(&mut self, events: &[Event]) -> Result<(), String> {
         if events.is_empty() {
             return Ok(());
         }
-        let mut w = csv::WriterBuilder::new()
-            .has_headers(false)
-            .from_writer(Vec::new());
-        for e in events {
-            w.write_record([
-                e.user.as_str(),
-                e.item.as_str(),
-                &e.ts.to_string(),
-                e.action.as_str(),
-                &e.weight.to_string(),
-            ])
-            .map_err(|e| e.to_string())?;
+        let buf = tandem_data::events::encode_rows(events).map_err(|e| e.to_string())?;
+        if self.file.is_none() {
+            self.create_segment()?;
         }
-        let buf = w.into_inner().map_err(|e| e.to_string())?;
-        let path = self.dir.join(format!("segment-{:06}.csv", self.segment));
-        self.file.write_all(&buf).map_err(|e| io_err(&path, e))?;
-        if self.fsync == Fsync::Always {
-            self.file.sync_data().map_err(|e| io_err(&path, e))?;
+        let path = self.path();
+        let before = self.bytes;
+        let file = self.file.as_mut().expect("a segment is open");
+        let written = file.write_all(&buf).and_then(|()| match self.fsync {
+            Fsync::Always => file.sync_data(),
+            Fsync::Never => Ok(()),
+        });
+        if let Err(e) = written {
+            // Nothing of a failed batch may stay: cut the segment back to where it was.
+            let restored = file.set_len(before).and_then(|()| file.sync_data());
+            if let Err(r) = restored {
+                // The tail could not be cut: never append after it. The next append starts a
+                // new segment, and a restart's torn-tail repair drops the partial record.
+                tracing::error!(segment = %path.display(), error = %r, "cannot cut back a failed append");
+                self.file = None;
+                self.segment += 1;
+            }
+            return Err(io_err(&path, e));
         }
         self.bytes += buf.len() as u64;
         if self.bytes >= self.max_bytes {
+            // The batch is durable; the next append opens the next segment.
+            self.file = None;
             self.segment += 1;
-            let (file, bytes) = Self::create_segment(&self.dir, self.segment, self.fsync)?;
-            self.file = file;
-            self.bytes = bytes;
         }
         Ok(())
     }
@@ -281,7 +297,7 @@ mod tests {
         for (k, i) in ["a", "b", "c", "d"].iter().enumerate() {
             s.record("u", i, k as i64);
         }
-        assert_eq!(s.history("u"), vec!["d", "c", "b"]);
+        assert_eq!(s.history("u"), vec![("d", 3), ("c", 2), ("b", 1)]);
         assert!(s.history("nobody").is_empty());
     }
 
@@ -298,8 +314,9 @@ mod tests {
         assert_eq!(s.users(), 1_000_000);
         let per_user = s.approx_bytes() as f64 / 1e6;
         println!("approx bytes per user (L = {l}): {per_user:.0}");
-        // Ring capacity 4·L = 200, slot + key + last_ts ≈ 90; items are shared (50k of them).
-        assert!(per_user < 4.0 * l as f64 + 150.0, "{per_user}");
+        // Rings grow on demand (3 events: capacity 3–4 pairs of 8 bytes), slot + key + last_ts
+        // ≈ 90; items are shared (50k of them).
+        assert!(per_user < 8.0 * 4.0 + 150.0, "{per_user}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_data::synth::{generate, SynthConfig};
-use tandem_model::config::{ModelConfig, TrainConfig};
+use tandem_model::config::{ModelConfig, TrainConfig, UserEncoder};
 use tandem_model::publish::publish_model;
 use tandem_model::train::{train, TrainInput};
 use tandem_model::{UserModel, UserRequest};
@@ -21,6 +21,10 @@ const L: usize = 5;
 
 /// Trains a tiny model with `seed` and publishes it as the next version.
 fn publish_version(root: &Path, seed: u64) -> PathBuf {
+    publish_with(root, seed, UserEncoder::Mean)
+}
+
+fn publish_with(root: &Path, seed: u64, encoder: UserEncoder) -> PathBuf {
     let data = generate(&SynthConfig {
         users: 100,
         items: 120,
@@ -41,6 +45,7 @@ fn publish_version(root: &Path, seed: u64) -> PathBuf {
         feature_dim: 4,
         hidden: 16,
         history: L,
+        user_encoder: encoder,
         ..Default::default()
     };
     let tcfg = TrainConfig {
@@ -81,9 +86,14 @@ async fn start(root: &Path, log: &Path) -> Running {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
-        serve(core, listener, async move {
-            let _ = rx.await;
-        })
+        serve(
+            core,
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+            Default::default(),
+        )
         .await
         .unwrap();
     });
@@ -132,6 +142,7 @@ fn embed(version: &str, user: &str, items: &[&str]) -> pb::EmbedRequest {
         recent_items: items.iter().map(|s| s.to_string()).collect(),
         features: Default::default(),
         request_time_unix: Some(1_704_200_000),
+        min_sequence: None,
     }
 }
 
@@ -142,6 +153,7 @@ fn offline(dir: &Path, user: &str, items: &[&str], ts: i64) -> Vec<f32> {
         history: items.iter().map(|i| m.item_id(i)).collect(),
         ts,
         features: None,
+        ..Default::default()
     };
     m.embed_requests(&[r])
         .unwrap()
@@ -217,7 +229,7 @@ async fn recorded_engagement_changes_the_next_embedding_and_survives_restarts_an
         .unwrap()
         .into_inner();
     assert_eq!(before.history_length, 0);
-    let now = tandem_usertower::service::now_secs();
+    let now = tandem_types::clock::now_unix();
     for item in ["i1", "i2"] {
         let ev = pb::EngagementEvent {
             user_id: "u5".into(),
@@ -331,7 +343,7 @@ async fn edge_cases_have_defined_behaviour() {
         .into_inner();
     assert_eq!(cut.embedding, first_l.embedding);
     // Future and far-past events are refused (documented: 5 minutes of skew, 30 days of age).
-    let now = tandem_usertower::service::now_secs();
+    let now = tandem_types::clock::now_unix();
     let ev = |ts: i64| pb::EngagementEvent {
         user_id: "u1".into(),
         item_id: "i1".into(),
@@ -389,5 +401,63 @@ async fn edge_cases_have_defined_behaviour() {
         .unwrap()
         .into_inner();
     assert_eq!((out.accepted, out.rejected), (600, 0));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transformer_encoder_serves_exactly_the_offline_embedding_of_the_recorded_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = publish_with(dir.path(), 1, UserEncoder::Transformer);
+    let mut s = start(dir.path(), &dir.path().join("log")).await;
+    wait_loaded(&mut s.client, &["v1"]).await;
+    // More events than the window (L = 5), at uneven gaps: the window, its gaps and the gap to
+    // the event before the window all come from the stored history.
+    let now = tandem_types::clock::now_unix();
+    let events: Vec<(&str, i64)> = vec![
+        ("i1", now - 90_000),
+        ("i2", now - 80_000),
+        ("i3", now - 3_600),
+        ("i4", now - 3_500),
+        ("i5", now - 60),
+        ("i6", now - 50),
+        ("i7", now - 1),
+    ];
+    for (item, ts) in &events {
+        let ev = pb::EngagementEvent {
+            user_id: "u9".into(),
+            item_id: item.to_string(),
+            timestamp: *ts,
+            action: "click".into(),
+            weight: 1.0,
+        };
+        s.client.record_engagement(ev).await.unwrap();
+    }
+    let got = s
+        .client
+        .embed(embed("v1", "u9", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = UserModel::load(&model_dir).unwrap();
+    let offline_of = |times: Vec<i64>| -> Vec<f32> {
+        let r = UserRequest {
+            user: "u9",
+            history: events.iter().rev().map(|(i, _)| m.item_id(i)).collect(),
+            history_ts: times,
+            ts: 1_704_200_000,
+            features: None,
+        };
+        m.embed_requests(&[r])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let want = offline_of(events.iter().rev().map(|(_, t)| *t).collect());
+    assert!(max_diff(&got.embedding, &want) <= 1e-6);
+    // The gaps are really read: other times give another embedding.
+    let evenly = offline_of((0..events.len() as i64).map(|k| now - k).collect());
+    assert!(max_diff(&want, &evenly) > 1e-4);
     s.stop().await;
 }

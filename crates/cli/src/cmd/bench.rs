@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use tandem_model::train::{bench_train, BenchShape};
+use tandem_model::bench::{bench_train, BenchShape};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Bench {

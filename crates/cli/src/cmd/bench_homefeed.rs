@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tandem_proto::homefeed::v1 as pb;
-use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
+use tandem_client::{ClientOptions, HomefeedClient};
+use tandem_types::stats::percentiles;
+
+const MODEL: &str = "tandem";
 
 #[derive(clap::Args, Debug)]
 pub struct HomefeedArgs {
@@ -59,7 +61,7 @@ fn spawn(args: &[String]) -> Result<(Proc, String)> {
 pub fn run(a: HomefeedArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_str().context("temp path")?.to_string();
-    tandem_sandbox::publish_version(dir.path(), 1);
+    tandem_pipeline::publish_small_synthetic(dir.path(), MODEL, 1)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let (_ut, ut) = spawn(&s(&[
         "serve",
@@ -67,7 +69,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         "--artifacts",
         &root,
         "--model",
-        tandem_sandbox::MODEL,
+        MODEL,
         "--listen",
         "127.0.0.1:0",
         "--event-log",
@@ -83,7 +85,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
             "--artifacts",
             &root,
             "--model",
-            tandem_sandbox::MODEL,
+            MODEL,
             "--listen",
             "127.0.0.1:0",
         ]))?);
@@ -93,7 +95,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         "serve",
         "homefeed",
         "--model",
-        tandem_sandbox::MODEL,
+        MODEL,
         "--ann-hosts",
         &urls.join(","),
         "--user-tower",
@@ -105,21 +107,11 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(hf.clone())?
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = HomefeedClient::new(channel);
+        let client = HomefeedClient::lazy(&hf, &ClientOptions::default())?;
         // Wait (bounded) until the cluster answers.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let r = client
-                .clone()
-                .get_candidates(pb::GetCandidatesRequest {
-                    user_id: "u1".into(),
-                    k: a.k,
-                    exclude_seen: false,
-                })
-                .await;
+            let r = client.candidates("u1", a.k, false, None).await;
             if r.is_ok() {
                 break;
             }
@@ -140,17 +132,10 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         let mut tasks = Vec::with_capacity(total as usize);
         for i in 0..total {
             tick.tick().await;
-            let (mut c, lat, errors, k) = (client.clone(), lat.clone(), errors.clone(), a.k);
+            let (c, lat, errors, k) = (client.clone(), lat.clone(), errors.clone(), a.k);
             tasks.push(tokio::spawn(async move {
                 let t = Instant::now();
-                match c
-                    .get_candidates(pb::GetCandidatesRequest {
-                        user_id: format!("u{}", i % 200),
-                        k,
-                        exclude_seen: false,
-                    })
-                    .await
-                {
+                match c.candidates(&format!("u{}", i % 200), k, false, None).await {
                     Ok(_) => lat
                         .lock()
                         .expect("lock")
@@ -166,12 +151,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         }
         let wall = started.elapsed().as_secs_f64();
         let mut lat = std::mem::take(&mut *lat.lock().expect("lock"));
-        lat.sort_by(f64::total_cmp);
-        let p = |q: f64| {
-            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(0.0)
-        };
+        let [p50, p99] = percentiles(&mut lat, [0.5, 0.99]);
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -181,8 +161,8 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
                 "requests": total,
                 "errors": errors.load(std::sync::atomic::Ordering::SeqCst),
                 "achieved_rps": lat.len() as f64 / wall,
-                "p50_ms": p(0.5),
-                "p99_ms": p(0.99),
+                "p50_ms": p50,
+                "p99_ms": p99,
                 "max_ms": lat.last().copied().unwrap_or(0.0),
                 "k": a.k,
             }))?

@@ -1,9 +1,14 @@
 //! `tandem call …`: typed gRPC clients for operators and scripts (no grpcurl needed).
 
-use anyhow::{Context, Result};
-use tandem_proto::ann::v1 as pb;
-use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
-use tandem_proto::tonic;
+use anyhow::Result;
+use tandem_client::usertower::EngagementEvent;
+use tandem_client::{
+    AnnClient, ClientOptions, EmbedQuery, HomefeedClient, HostMetadata, SearchQuery, Swapped,
+    UserTowerClient,
+};
+use tandem_types::ModelVersion;
+
+use crate::args::{AdminArgs, ClientTlsArgs};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Call {
@@ -16,6 +21,9 @@ pub enum Call {
     /// The homefeed orchestrator.
     #[command(subcommand)]
     Homefeed(HomefeedCall),
+    /// Any Tandem server's readiness (grpc.health.v1, the overall status): exits 0 when
+    /// SERVING, 1 otherwise (for container health checks).
+    Health(Target),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -31,6 +39,10 @@ pub enum HomefeedCall {
         /// Leave out items in the user's recent history.
         #[arg(long)]
         exclude_seen: bool,
+        /// Read-your-writes: embed from user state that includes this engagement sequence (the
+        /// `sequence` a record printed).
+        #[arg(long)]
+        min_sequence: Option<u64>,
     },
 }
 
@@ -43,12 +55,16 @@ pub enum UserTowerCall {
         #[arg(long, default_value = "tandem")]
         model_name: String,
         #[arg(long)]
-        model_version: String,
+        model_version: ModelVersion,
         #[arg(long)]
         user: String,
         /// Recent items overriding the stored history, most recent first (comma-separated).
         #[arg(long, value_delimiter = ',')]
         recent_items: Vec<String>,
+        /// Read-your-writes: answer from state that includes this engagement sequence (the
+        /// `sequence` a record printed); UNAVAILABLE if the replica does not get there in time.
+        #[arg(long)]
+        min_sequence: Option<u64>,
     },
     /// Versions loaded right now.
     Versions(Target),
@@ -76,6 +92,14 @@ pub struct Target {
     /// Print the response as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+impl Target {
+    fn options(&self, admin_token: Option<String>) -> Result<ClientOptions> {
+        self.tls.options(admin_token)
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -90,7 +114,7 @@ pub enum AnnCall {
         model_name: String,
         /// The model version the embedding came from.
         #[arg(long)]
-        model_version: String,
+        model_version: ModelVersion,
         /// Comma-separated floats.
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         embedding: Vec<f32>,
@@ -104,36 +128,28 @@ pub enum AnnCall {
         #[command(flatten)]
         target: Target,
         #[arg(long)]
-        version: String,
-        #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
-        admin_token: String,
+        version: ModelVersion,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Roll back to the previous version (admin).
     Rollback {
         #[command(flatten)]
         target: Target,
-        #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
-        admin_token: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
-/// A request carrying the admin token (`authorization: Bearer <token>`).
-pub fn admin<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
-    Ok(tandem_retrain::fleet::with_token(msg, token)?)
-}
-
 /// `[{"item_id", "score"}, …]` for JSON output.
-fn scored_json<'a>(items: impl Iterator<Item = (&'a str, f32)>) -> Vec<serde_json::Value> {
+fn scored_json(items: &[(String, f32)]) -> Vec<serde_json::Value> {
     items
+        .iter()
         .map(|(item_id, score)| serde_json::json!({"item_id": item_id, "score": score}))
         .collect()
 }
 
-fn status_line(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
-}
-
-fn metadata_json(m: &pb::VersionMetadata) -> serde_json::Value {
+fn metadata_json(m: &HostMetadata) -> serde_json::Value {
     serde_json::json!({
         "model_name": m.model_name,
         "model_version": m.model_version,
@@ -143,7 +159,19 @@ fn metadata_json(m: &pb::VersionMetadata) -> serde_json::Value {
         "dim": m.dim,
         "loaded_at_unix_ms": m.loaded_at_unix_ms,
         "ann_recall_at_10": m.ann_recall_at_10,
+        "previous_version": m.previous_version,
+        "shard": m.shard,
+        "shard_count": m.shard_count,
     })
+}
+
+fn print_json(v: &serde_json::Value, pretty: bool) -> Result<()> {
+    if pretty {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{}", serde_json::to_string(v)?);
+    }
+    Ok(())
 }
 
 pub fn run(c: Call) -> Result<()> {
@@ -155,27 +183,20 @@ pub fn run(c: Call) -> Result<()> {
             Call::Ann(call) => ann(call).await,
             Call::UserTower(call) => user_tower(call).await,
             Call::Homefeed(call) => homefeed(call).await,
+            Call::Health(t) => health(t).await,
         }
     })
-}
-
-async fn connect(addr: &str) -> Result<AnnSearchClient<tonic::transport::Channel>> {
-    AnnSearchClient::connect(addr.to_string())
-        .await
-        .with_context(|| format!("connecting to {addr}"))
 }
 
 async fn ann(call: AnnCall) -> Result<()> {
     match call {
         AnnCall::Metadata(t) => {
-            let m = connect(&t.addr)
+            let m = AnnClient::connect(&t.addr, &t.options(None)?)
                 .await?
-                .get_version_metadata(pb::GetVersionMetadataRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
+                .metadata(None)
+                .await?;
             if t.json {
-                println!("{}", serde_json::to_string_pretty(&metadata_json(&m))?);
+                print_json(&metadata_json(&m), true)?;
             } else {
                 println!(
                     "{} {} index {} ({} items, dim {})",
@@ -191,94 +212,71 @@ async fn ann(call: AnnCall) -> Result<()> {
             k,
             ef,
         } => {
-            let r = connect(&target.addr)
+            let r = AnnClient::connect(&target.addr, &target.options(None)?)
                 .await?
-                .search(pb::SearchRequest {
-                    model_name,
-                    model_version,
-                    embedding,
-                    k,
-                    ef,
-                    allow_version_mismatch: false,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
+                .search(
+                    SearchQuery {
+                        model_name,
+                        version: model_version,
+                        embedding,
+                        k,
+                        ef,
+                        allow_version_mismatch: false,
+                    },
+                    None,
+                )
+                .await?;
             if target.json {
-                let items = scored_json(r.items.iter().map(|i| (i.item_id.as_str(), i.score)));
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"model_name": r.model_name, "model_version": r.model_version, "index_id": r.index_id, "items": items})
-                    )?
-                );
+                print_json(
+                    &serde_json::json!({"model_name": r.model_name, "model_version": r.version, "index_id": r.index_id, "items": scored_json(&r.items)}),
+                    true,
+                )?;
             } else {
-                for i in &r.items {
-                    println!("{}\t{:.6}", i.item_id, i.score);
+                for (item, score) in &r.items {
+                    println!("{item}\t{score:.6}");
                 }
             }
         }
         AnnCall::Load {
             target,
             version,
-            admin_token,
+            admin,
         } => {
-            let r = connect(&target.addr)
+            let r = AnnClient::connect(&target.addr, &target.options(Some(admin.required()?))?)
                 .await?
-                .load_version(admin(pb::LoadVersionRequest { version }, &admin_token)?)
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            print_load(&r, target.json)?;
+                .load(version, None)
+                .await?;
+            print_swap(&r, target.json)?;
         }
-        AnnCall::Rollback {
-            target,
-            admin_token,
-        } => {
-            let r = connect(&target.addr)
+        AnnCall::Rollback { target, admin } => {
+            let r = AnnClient::connect(&target.addr, &target.options(Some(admin.required()?))?)
                 .await?
-                .rollback(admin(pb::RollbackRequest {}, &admin_token)?)
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            print_load(&r, target.json)?;
+                .rollback(None)
+                .await?;
+            print_swap(&r, target.json)?;
         }
     }
     Ok(())
 }
 
-fn print_load(r: &pb::LoadVersionResponse, json: bool) -> Result<()> {
-    let m = r.metadata.clone().unwrap_or_default();
+fn print_swap(r: &Swapped, json: bool) -> Result<()> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"previous_version": r.previous_version, "metadata": metadata_json(&m)})
-            )?
-        );
-    } else {
-        println!(
-            "now serving {} {} (was {})",
-            m.model_name,
-            m.model_version,
-            if r.previous_version.is_empty() {
-                "nothing"
-            } else {
-                &r.previous_version
-            }
+        return print_json(
+            &serde_json::json!({"previous_version": r.replaced, "metadata": metadata_json(&r.now)}),
+            true,
         );
     }
+    println!(
+        "now serving {} {} (was {})",
+        r.now.model_name,
+        r.now.model_version,
+        r.replaced
+            .map_or_else(|| "nothing".to_string(), |v| v.to_string())
+    );
     Ok(())
 }
 
 async fn user_tower(call: UserTowerCall) -> Result<()> {
-    use tandem_proto::usertower::v1 as ut;
-    use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
-    let connect = |addr: String| async move {
-        UserTowerClient::connect(addr.clone())
-            .await
-            .with_context(|| format!("connecting to {addr}"))
-    };
     match call {
         UserTowerCall::Embed {
             target,
@@ -286,56 +284,45 @@ async fn user_tower(call: UserTowerCall) -> Result<()> {
             model_version,
             user,
             recent_items,
+            min_sequence,
         } => {
-            let r = connect(target.addr)
+            let q = EmbedQuery {
+                model_name,
+                user_id: user,
+                recent_items,
+                min_sequence,
+                ..Default::default()
+            };
+            let r = UserTowerClient::connect(&target.addr, &target.options(None)?)
                 .await?
-                .embed(ut::EmbedRequest {
-                    model_name,
-                    model_version,
-                    user_id: user,
-                    recent_items,
-                    features: Default::default(),
-                    request_time_unix: None,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
+                .embed(model_version, q, None)
+                .await?;
             if target.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(
-                        &serde_json::json!({"model_name": r.model_name, "model_version": r.model_version, "history_length": r.history_length, "embedding": r.embedding})
-                    )?
-                );
+                print_json(
+                    &serde_json::json!({"model_name": r.model_name, "model_version": r.version, "history_length": r.history_length, "history": r.history, "embedding": r.vector}),
+                    false,
+                )?;
             } else {
                 println!(
                     "{} {} (history {}): {:?}",
-                    r.model_name, r.model_version, r.history_length, r.embedding
+                    r.model_name, r.version, r.history_length, r.vector
                 );
             }
         }
         UserTowerCall::Versions(t) => {
-            let r = connect(t.addr)
+            let (model_name, versions) = UserTowerClient::connect(&t.addr, &t.options(None)?)
                 .await?
-                .list_versions(ut::ListVersionsRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
+                .list_versions(None)
+                .await?;
             if t.json {
-                let v: Vec<_> = r.versions.iter().map(|v| serde_json::json!({"model_version": v.model_version, "dim": v.dim, "loaded_at_unix_ms": v.loaded_at_unix_ms, "pinned": v.pinned, "feature_schema_hash": v.feature_schema_hash})).collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"model_name": r.model_name, "versions": v})
-                    )?
-                );
+                let v: Vec<_> = versions.iter().map(|v| serde_json::json!({"model_version": v.version, "dim": v.dim, "loaded_at_unix_ms": v.loaded_at_unix_ms, "pinned": v.pinned, "feature_schema_hash": v.feature_schema_hash})).collect();
+                print_json(
+                    &serde_json::json!({"model_name": model_name, "versions": v}),
+                    true,
+                )?;
             } else {
-                let names: Vec<&str> = r
-                    .versions
-                    .iter()
-                    .map(|v| v.model_version.as_str())
-                    .collect();
-                println!("{}: {}", r.model_name, names.join(", "));
+                let names: Vec<String> = versions.iter().map(|v| v.version.to_string()).collect();
+                println!("{model_name}: {}", names.join(", "));
             }
         }
         UserTowerCall::Record {
@@ -345,27 +332,26 @@ async fn user_tower(call: UserTowerCall) -> Result<()> {
             timestamp,
             action,
         } => {
-            let r = connect(target.addr)
+            let r = UserTowerClient::connect(&target.addr, &target.options(None)?)
                 .await?
-                .record_engagement(ut::EngagementEvent {
-                    user_id: user,
-                    item_id: item,
-                    timestamp,
-                    action,
-                    weight: 1.0,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
+                .record(
+                    EngagementEvent {
+                        user_id: user,
+                        item_id: item,
+                        timestamp,
+                        action,
+                        weight: 1.0,
+                    },
+                    None,
+                )
+                .await?;
             if target.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(
-                        &serde_json::json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors})
-                    )?
-                );
+                print_json(
+                    &serde_json::json!({"accepted": r.accepted, "rejected": r.rejected, "errors": r.errors, "sequence": r.sequence}),
+                    false,
+                )?;
             } else {
-                println!("accepted {}", r.accepted);
+                println!("accepted {} (sequence {})", r.accepted, r.sequence);
             }
         }
     }
@@ -373,50 +359,65 @@ async fn user_tower(call: UserTowerCall) -> Result<()> {
 }
 
 async fn homefeed(call: HomefeedCall) -> Result<()> {
-    use tandem_proto::homefeed::v1 as hf;
-    use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient;
     match call {
         HomefeedCall::Candidates {
             target,
             user,
             k,
             exclude_seen,
+            min_sequence,
         } => {
-            let mut c = HomefeedClient::connect(target.addr.clone())
-                .await
-                .with_context(|| format!("connecting to {}", target.addr))?;
-            let r = c
-                .get_candidates(hf::GetCandidatesRequest {
-                    user_id: user,
-                    k,
-                    exclude_seen,
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner();
+            let r = HomefeedClient::connect(&target.addr, &target.options(None)?)
+                .await?
+                .candidates_after(&user, k, exclude_seen, min_sequence, None)
+                .await?;
             if target.json {
-                let items = scored_json(r.items.iter().map(|i| (i.item_id.as_str(), i.score)));
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
+                print_json(
+                    &serde_json::json!({
                         "model_name": r.model_name,
-                        "model_version": r.model_version,
+                        "model_version": r.index_version,
                         "embedding_version": r.embedding_version,
                         "ann_host": r.ann_host,
                         "attempts": r.attempts,
-                        "items": items,
-                    }))?
-                );
+                        "items": scored_json(&r.items),
+                    }),
+                    true,
+                )?;
             } else {
                 println!(
                     "{} {} from {} ({} attempt(s))",
-                    r.model_name, r.model_version, r.ann_host, r.attempts
+                    r.model_name, r.index_version, r.ann_host, r.attempts
                 );
-                for i in &r.items {
-                    println!("{}\t{:.6}", i.item_id, i.score);
+                for (item, score) in &r.items {
+                    println!("{item}\t{score:.6}");
                 }
             }
         }
+    }
+    Ok(())
+}
+
+async fn health(t: Target) -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = tandem_client::connect(&t.addr, &t.options(None)?).await?;
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: health check failed: {}", t.addr, s.message()))?
+        .into_inner()
+        .status;
+    let name = ServingStatus::try_from(status)
+        .map_or("UNKNOWN", |s| s.as_str_name())
+        .to_string();
+    if t.json {
+        print_json(&serde_json::json!({"addr": t.addr, "status": name}), false)?;
+    } else {
+        println!("{name}");
+    }
+    if status != ServingStatus::Serving as i32 {
+        anyhow::bail!("{}: {name}", t.addr);
     }
     Ok(())
 }

@@ -8,22 +8,30 @@
 //! versions over time and mismatched answers (which must be 0).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use tandem_client::HomefeedClient;
+use tandem_cluster::{record, Cluster, ClusterBuilder};
+use tandem_data::drift::{drift, seed_event_log, Fresh};
 use tandem_data::synth::SynthConfig;
-use tandem_data::{EventColumns, EventLog};
+use tandem_data::{EventColumns, EventLog, Protocol};
+use tandem_index::HnswParams;
 use tandem_model::config::{ModelConfig, TrainConfig};
 use tandem_model::eval::{metrics, ItemCosine, MostPopular, Recommender};
-use tandem_proto::homefeed::v1 as pb;
+use tandem_model::train::TrainInput;
+use tandem_pipeline::{train_and_publish, IndexSpec, TrainJob};
 use tandem_retrain::cycle::{eval_set, holdout, window};
-use tandem_retrain::{CycleOptions, Fleet, Outcome, RetrainConfig, Retrainer};
-use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
-use tandem_sandbox::{SandboxBuilder, MODEL, TOKEN};
+use tandem_retrain::{CycleOptions, CycleRecord, Outcome, RetrainConfig, Retrainer};
+use tandem_types::stats::percentiles;
 use tandem_types::ModelVersion;
+
+const MODEL: &str = "tandem";
+/// The in-process cluster's admin token (loopback only, gone when the demo ends).
+const TOKEN: &str = "demo";
 
 use crate::args::print_json;
 
@@ -52,7 +60,7 @@ pub struct Args {
 /// Answers of one second of traffic.
 #[derive(Default, Clone, serde::Serialize)]
 struct Second {
-    by_version: BTreeMap<String, u64>,
+    by_version: BTreeMap<ModelVersion, u64>,
     errors: u64,
     mismatched: u64,
 }
@@ -83,62 +91,36 @@ pub fn run(a: Args) -> Result<()> {
     rt.block_on(demo(a))
 }
 
+type Say = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What the cluster was started from.
+struct Started {
+    cluster: Cluster,
+    synth: SynthConfig,
+    users: Vec<String>,
+    seeded: usize,
+    fresh: Vec<Fresh>,
+    v1_seconds: f64,
+}
+
 async fn demo(a: Args) -> Result<()> {
     let started = Instant::now();
     let json = a.json;
-    let say = move |msg: &str| {
+    let say: Say = Arc::new(move |msg: &str| {
         if !json {
             eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
         }
-    };
+    });
     let root = a.out.join("cluster");
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
-    let synth = SynthConfig {
-        seed: a.seed,
-        days: 14,
-        ..Default::default()
-    };
-    say(&format!(
-        "synthesising {} users, {} items, {} events over {} days ending now",
-        synth.users, synth.items, synth.events, synth.days
-    ));
-    // v1 learns from the first half; the second half, where interests and the catalogue have
-    // moved on, arrives live.
-    let d = drift(&synth, 0.5);
-    let users: Vec<String> = d.seed.users.names().to_vec();
-    let seeded = d.seed.len();
-    let (mcfg, tcfg) = model_config();
-    say(&format!(
-        "training v1 on the older {seeded} events, indexing it, starting {} ANN hosts, the user tower and the orchestrator",
-        a.hosts
-    ));
-    let v1_seconds = Arc::new(Mutex::new(0.0));
-    let v1_clock = v1_seconds.clone();
-    let seed_log = d.seed;
-    let (m, t) = (mcfg.clone(), tcfg.clone());
-    let sb = SandboxBuilder::new(&vec![1; a.hosts])
-        .root(&root)
-        .bootstrap(move |root| {
-            seed_event_log(root, &seed_log);
-            let (_, report) = publish_trained(root, MODEL, ModelVersion(1), &seed_log, &m, &t);
-            *v1_clock.lock().unwrap() = report.seconds;
-        })
-        .start()
-        .await;
-    say(&format!(
-        "cluster up: user tower {}, hosts {}, homefeed {}",
-        sb.user_tower.url(),
-        sb.host_urls().join(" "),
-        sb.homefeed.url()
-    ));
-
+    let s = start_cluster(&a, &root, &say).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = Arc::new(Mutex::new(Traffic::default()));
     let driver = tokio::spawn(drive(
-        sb.client.clone(),
-        users,
+        s.cluster.homefeed_client()?,
+        s.users.clone(),
         a.rps,
         stop.clone(),
         traffic.clone(),
@@ -148,32 +130,21 @@ async fn demo(a: Args) -> Result<()> {
 
     say(&format!(
         "recording {} newer engagements (interests have drifted) through the user tower",
-        d.fresh.len()
+        s.fresh.len()
     ));
     let t = Instant::now();
-    let (accepted, rejected) = record(&sb.user_tower.url(), &d.fresh, 1000).await;
+    let (accepted, rejected) = record(&s.cluster.user_tower.url(), &s.fresh, 1000).await?;
     let record_seconds = t.elapsed().as_secs_f64();
     if rejected > 0 {
         bail!("the user tower rejected {rejected} of the fresh events");
     }
 
-    let mut cfg = RetrainConfig {
-        model: mcfg,
-        train: tcfg,
-        ..Default::default()
-    };
-    cfg.canary.watch_seconds = a.watch_seconds;
-    cfg.rollout.pause_ms = 1000;
-    let mut opts = CycleOptions::new(root.clone(), MODEL, sb.events_dir());
-    opts.fleet = Some(Fleet {
-        hosts: sb.host_urls(),
-        user_tower: sb.user_tower.url(),
-        artifacts: root.clone(),
-        model: MODEL.into(),
-        admin_token: TOKEN.into(),
-    });
-    opts.homefeed = Some(sb.homefeed.url());
-    opts.say = Arc::new(move |m| say(m));
+    let cfg = retrain_config(&a);
+    let mut opts = CycleOptions::new(root.clone(), MODEL, s.cluster.events_dir());
+    opts.fleet = Some(s.cluster.fleet()?);
+    opts.homefeed = Some(s.cluster.homefeed.url());
+    let say_cycle = say.clone();
+    opts.say = Arc::new(move |m| say_cycle(m));
     let retrainer = Retrainer::new(opts, cfg.clone());
     let cycle_started = started.elapsed().as_secs_f64();
     let rec = retrainer.run_cycle().await;
@@ -182,34 +153,10 @@ async fn demo(a: Args) -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     driver.await?;
 
-    // The baselines on the very slice the gate used.
-    let log = EventLog::read(&sb.events_dir(), &EventColumns::default())?;
-    let win = window(&log, cfg.window.days);
-    let split = holdout(&win, cfg.window.holdout_fraction)?;
-    let set = eval_set(&win, &split, &cfg);
-    let mut quality = BTreeMap::new();
-    if let Some(v) = &rec.version {
-        quality.insert(format!("{v} (retrained)"), rec.candidate_metrics.clone());
-    }
-    if let Some(v) = &rec.champion {
-        quality.insert(format!("{v} (serving)"), rec.champion_metrics.clone());
-    }
-    let baselines: Vec<Box<dyn Recommender>> =
-        vec![Box::new(MostPopular), Box::new(ItemCosine::default())];
-    for r in &baselines {
-        quality.insert(r.name(), metrics(&set, &r.recommend(&set, 100)?).values);
-    }
-
+    let (quality, heldout_users) = quality(&s.cluster, &cfg, &rec)?;
     let tr = std::mem::take(&mut *traffic.lock().unwrap());
     let mut lat = tr.latency_ms.clone();
-    lat.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        if lat.is_empty() {
-            0.0
-        } else {
-            lat[((lat.len() - 1) as f64 * p).round() as usize]
-        }
-    };
+    let [p50, p99] = percentiles(&mut lat, [0.5, 0.99]);
     let requests: u64 = tr
         .seconds
         .iter()
@@ -217,26 +164,28 @@ async fn demo(a: Args) -> Result<()> {
         .sum();
     let errors: u64 = tr.seconds.iter().map(|s| s.errors).sum();
     let mismatched: u64 = tr.seconds.iter().map(|s| s.mismatched).sum();
-    let mut final_versions = Vec::new();
-    for url in sb.host_urls() {
-        final_versions.push(
-            tandem_retrain::fleet::metadata(&url)
-                .await
-                .map(|m| m.model_version)
-                .unwrap_or_else(|e| format!("down ({e})")),
-        );
-    }
+    let hosts_after: Vec<String> = s
+        .cluster
+        .fleet()?
+        .hosts()
+        .await
+        .into_iter()
+        .map(|h| match h.model_version {
+            Some(v) if h.up => v.to_string(),
+            _ => format!("down ({})", h.error),
+        })
+        .collect();
     let out = serde_json::json!({
         "artifacts": root,
-        "data": {"users": synth.users, "items": synth.items, "seeded_events": seeded, "recorded_events": accepted, "record_seconds": record_seconds},
-        "v1_train_seconds": *v1_seconds.lock().unwrap(),
+        "data": {"users": s.synth.users, "items": s.synth.items, "seeded_events": s.seeded, "recorded_events": accepted, "record_seconds": record_seconds},
+        "v1_train_seconds": s.v1_seconds,
         "cycle": rec,
         "cycle_window_seconds": [cycle_started, cycle_finished],
-        "heldout_users": set.users.len(),
+        "heldout_users": heldout_users,
         "quality": quality,
-        "traffic": {"requests": requests, "errors": errors, "mismatched": mismatched, "p50_ms": q(0.5), "p99_ms": q(0.99), "rps": a.rps},
+        "traffic": {"requests": requests, "errors": errors, "mismatched": mismatched, "p50_ms": p50, "p99_ms": p99, "rps": a.rps},
         "timeline": tr.seconds,
-        "hosts_after": final_versions,
+        "hosts_after": hosts_after,
         "seconds": started.elapsed().as_secs_f64(),
     });
     if a.json {
@@ -257,9 +206,114 @@ async fn demo(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// Synthesises the drifting log, seeds the event log with its older half, trains and indexes
+/// v1 on that half and starts the cluster on it.
+async fn start_cluster(a: &Args, root: &Path, say: &Say) -> Result<Started> {
+    let synth = SynthConfig {
+        seed: a.seed,
+        days: 14,
+        ..Default::default()
+    };
+    say(&format!(
+        "synthesising {} users, {} items, {} events over {} days ending now",
+        synth.users, synth.items, synth.events, synth.days
+    ));
+    // v1 learns from the first half; the second half, where interests and the catalogue have
+    // moved on, arrives live.
+    let d = drift(&synth, 0.5);
+    let users: Vec<String> = d.seed.users.names().to_vec();
+    let seeded = d.seed.len();
+    say(&format!(
+        "training v1 on the older {seeded} events, indexing it, starting {} ANN hosts, the user tower and the orchestrator",
+        a.hosts
+    ));
+    let (mcfg, tcfg) = model_config();
+    let (dir, seed) = (root.to_path_buf(), d.seed);
+    let v1_seconds = tokio::task::spawn_blocking(move || -> Result<f64> {
+        seed_event_log(&dir.join("events"), &seed)?;
+        let t = train_and_publish(TrainJob {
+            root: &dir,
+            name: MODEL,
+            version: Some(ModelVersion(1)),
+            input: TrainInput {
+                log: &seed,
+                user_features: None,
+                item_features: None,
+                validation: Some(Protocol::Global),
+            },
+            model: &mcfg,
+            train: &tcfg,
+            extra: serde_json::json!({}),
+            index: Some(IndexSpec {
+                params: HnswParams::default(),
+                recall_queries: 500,
+                query_log: &seed,
+            }),
+            progress: false,
+        })?;
+        Ok(t.report.seconds)
+    })
+    .await??;
+    let cluster = ClusterBuilder::new(root, MODEL, &vec![ModelVersion(1); a.hosts])
+        .admin_token(TOKEN)
+        .start()
+        .await?;
+    say(&format!(
+        "cluster up: user tower {}, hosts {}, homefeed {}",
+        cluster.user_tower.url(),
+        cluster.host_urls().join(" "),
+        cluster.homefeed.url()
+    ));
+    Ok(Started {
+        cluster,
+        synth,
+        users,
+        seeded,
+        fresh: d.fresh,
+        v1_seconds,
+    })
+}
+
+fn retrain_config(a: &Args) -> RetrainConfig {
+    let (mcfg, tcfg) = model_config();
+    let mut cfg = RetrainConfig {
+        model: mcfg,
+        train: tcfg,
+        ..Default::default()
+    };
+    cfg.canary.watch_seconds = a.watch_seconds;
+    cfg.rollout.pause_ms = 1000;
+    cfg
+}
+
+/// Metrics by recommender name.
+type Quality = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The cycle's candidate and champion metrics beside the baselines, all on the very slice the
+/// gate used, and how many held-out users that slice has.
+fn quality(cluster: &Cluster, cfg: &RetrainConfig, rec: &CycleRecord) -> Result<(Quality, usize)> {
+    let log = EventLog::read(&cluster.events_dir(), &EventColumns::default())?;
+    let win = window(&log, cfg.window.days);
+    let split = holdout(&win, cfg.window.holdout_fraction)?;
+    let set = eval_set(&win, &split, cfg);
+    let mut quality = BTreeMap::new();
+    if let Some(v) = rec.version {
+        quality.insert(format!("{v} (retrained)"), rec.candidate_metrics.clone());
+    }
+    if let Some(v) = rec.champion {
+        quality.insert(format!("{v} (serving)"), rec.champion_metrics.clone());
+    }
+    let baselines: Vec<Box<dyn Recommender>> =
+        vec![Box::new(MostPopular), Box::new(ItemCosine::default())];
+    for r in &baselines {
+        quality.insert(r.name(), metrics(&set, &r.recommend(&set, 100)?).values);
+    }
+    Ok((quality, set.users.len()))
+}
+
 /// Paced GetCandidates traffic (two workers) until `stop`, tallied per second since `t0`.
 async fn drive(
-    client: tandem_proto::homefeed::v1::homefeed_client::HomefeedClient<tonic::transport::Channel>,
+    client: HomefeedClient,
     users: Vec<String>,
     rps: f64,
     stop: Arc<AtomicBool>,
@@ -270,7 +324,7 @@ async fn drive(
     let gap = Duration::from_secs_f64(workers as f64 / rps);
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
-            let mut c = client.clone();
+            let c = client.clone();
             let users = users.clone();
             let stop = stop.clone();
             let out = out.clone();
@@ -283,13 +337,7 @@ async fn drive(
                     k = k.wrapping_mul(2_654_435_761).wrapping_add(12_345) % 1_000_003;
                     let user = users[k % users.len()].clone();
                     let t = Instant::now();
-                    let r = c
-                        .get_candidates(pb::GetCandidatesRequest {
-                            user_id: user,
-                            k: 20,
-                            exclude_seen: true,
-                        })
-                        .await;
+                    let r = c.candidates(&user, 20, true, None).await;
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     let sec = t0.elapsed().as_secs() as usize;
                     let mut o = out.lock().unwrap();
@@ -298,12 +346,11 @@ async fn drive(
                     }
                     match r {
                         Ok(r) => {
-                            let r = r.into_inner();
                             let s = &mut o.seconds[sec];
-                            if r.embedding_version != r.model_version {
+                            if r.mismatched() {
                                 s.mismatched += 1;
                             }
-                            *s.by_version.entry(r.model_version).or_default() += 1;
+                            *s.by_version.entry(r.index_version).or_default() += 1;
                             o.latency_ms.push(ms);
                         }
                         Err(_) => o.seconds[sec].errors += 1,
@@ -350,7 +397,7 @@ fn print_report(out: &serde_json::Value, seconds: &[Second]) {
     }
     for r in c["canary"].as_array().into_iter().flatten() {
         println!(
-            "  canary   {:<8} {} probes, hit rate {:.3}, errors {}, mismatched {}, p99 {:.1} ms {}",
+            "  watched  {:<8} {} probes, hit rate {:.3}, errors {}, mismatched {}, p99 {:.1} ms {}",
             r["phase"].as_str().unwrap_or(""),
             r["requests"],
             f(&r["hit_rate"]),
@@ -393,14 +440,14 @@ fn print_report(out: &serde_json::Value, seconds: &[Second]) {
         f(&out["cycle_window_seconds"][1])
     );
     // 5-second buckets; consecutive buckets answered by the same set of versions are merged.
-    type Row<'a> = (usize, usize, BTreeMap<&'a str, u64>, u64, u64);
+    type Row = (usize, usize, BTreeMap<ModelVersion, u64>, u64, u64);
     let mut rows: Vec<Row> = Vec::new();
     for (i, chunk) in seconds.chunks(5).enumerate() {
-        let mut by: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut by: BTreeMap<ModelVersion, u64> = BTreeMap::new();
         let (mut e, mut m) = (0, 0);
         for s in chunk {
             for (v, n) in &s.by_version {
-                *by.entry(v).or_default() += n;
+                *by.entry(*v).or_default() += n;
             }
             e += s.errors;
             m += s.mismatched;

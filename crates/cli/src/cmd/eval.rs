@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use tandem_data::{Protocol, Split};
+use tandem_model::ease::Ease;
 use tandem_model::eval::{metrics, EvalSet, ItemCosine, ModelRanker, MostPopular, Recommender};
 use tandem_model::TwoTower;
 
@@ -21,7 +22,7 @@ pub struct Args {
     /// Model version directory to evaluate (e.g. artifacts/models/tandem/v1).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Skip the most-popular and item-cosine baselines.
+    /// Skip the baselines (most popular, item-item cosine, EASE).
     #[arg(long)]
     pub no_baselines: bool,
     #[arg(long)]
@@ -55,6 +56,15 @@ pub fn run(a: Args) -> Result<()> {
     if !a.no_baselines {
         rankers.push(Box::new(MostPopular));
         rankers.push(Box::new(ItemCosine::default()));
+        if set.train_items() <= tandem_model::ease::MAX_ITEMS {
+            rankers.push(Box::new(Ease::default()));
+        } else {
+            eprintln!(
+                "EASE skipped: {} train items (a dense inverse above {} items would not fit)",
+                set.train_items(),
+                tandem_model::ease::MAX_ITEMS
+            );
+        }
     }
     if rankers.is_empty() {
         anyhow::bail!("nothing to evaluate: give --model or drop --no-baselines");

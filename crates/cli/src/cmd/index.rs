@@ -8,7 +8,10 @@ use anyhow::Result;
 use tandem_data::{EventColumns, EventLog};
 use tandem_index::{Engine, HnswParams};
 use tandem_model::TwoTower;
-use tandem_retrain::candidate::{build_index, history_queries, profile_queries};
+use tandem_pipeline::{
+    build_and_publish_index, build_and_publish_sharded_index, history_queries, profile_queries,
+};
+use tandem_types::error_chain;
 
 use crate::args::{model_dir, print_json};
 
@@ -37,14 +40,16 @@ pub struct Args {
     /// Default search ef of the index.
     #[arg(long, default_value_t = HnswParams::default().ef_search)]
     pub ef_search: usize,
+    /// Split the catalogue into this many shards (by a stable hash of the item id), published
+    /// together as one version; each ANN host then serves one (`tandem serve ann --shard I`).
+    #[arg(long, default_value_t = 1)]
+    pub shards: u32,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let dir = model_dir(&a.model)?;
-    let manifest = tandem_model::model::open(dir)?;
-    let model = TwoTower::load(dir)?;
     let params = HnswParams {
         engine: a.engine,
         m: a.m,
@@ -52,30 +57,40 @@ pub fn run(a: Args) -> Result<()> {
         ef_search: a.ef_search,
         ..Default::default()
     };
-    let queries = match &a.events {
+    let queries = |model: &TwoTower| match &a.events {
         Some(path) => {
             let log = EventLog::read(path, &EventColumns::default())?;
-            let (q, source) = history_queries(&model, &log, a.recall_queries)?;
-            (q, format!("{source} in {}", path.display()))
+            let (q, source) = history_queries(model, &log, a.recall_queries)?;
+            Ok((q, format!("{source} in {}", path.display())))
         }
-        None => profile_queries(&model, a.recall_queries)?,
+        None => profile_queries(model, a.recall_queries),
     };
-    let built = build_index(&model, &params, queries)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let (published, meta) = built.publish(
-        &a.out,
-        &manifest.name,
-        manifest.version,
-        &manifest.meta.feature_schema_hash,
-    )?;
+    if a.shards == 0 {
+        anyhow::bail!("--shards must be at least 1");
+    }
+    let fail = |e: tandem_pipeline::PipelineError| {
+        anyhow::anyhow!("{}: {}", dir.display(), error_chain(&e))
+    };
+    let (meta, published, embed_seconds, build_seconds) = if a.shards > 1 {
+        let (b, meta, published) =
+            build_and_publish_sharded_index(&a.out, dir, &params, queries, a.shards)
+                .map_err(fail)?;
+        (meta, published, None, b.build_seconds)
+    } else {
+        let (b, meta, published) =
+            build_and_publish_index(&a.out, dir, &params, queries).map_err(fail)?;
+        (meta, published, Some(b.embed_seconds), b.build_seconds)
+    };
     let out = serde_json::json!({
-        "dir": published.dir,
+        "dir": published,
         "index_id": meta.index_id,
         "versions": meta.versions,
         "items": meta.item_count,
         "dim": meta.dim,
-        "embed_seconds": built.embed_seconds,
-        "build_seconds": built.build_seconds,
+        "shards": meta.shard_count(),
+        "shard_items": meta.shard_items,
+        "embed_seconds": embed_seconds,
+        "build_seconds": build_seconds,
         "ann_recall_at_10": meta.ann_recall_at_10,
         "recall_queries": meta.recall_queries,
         "recall_query_source": meta.recall_query_source,
@@ -87,10 +102,10 @@ pub fn run(a: Args) -> Result<()> {
         "published index {} ({} items, built in {:.1}s, ANN recall@10 {:.4} on {} queries) → {}",
         meta.index_id,
         meta.item_count,
-        built.build_seconds,
+        build_seconds,
         meta.ann_recall_at_10,
         meta.recall_queries,
-        published.dir.display()
+        published.display()
     );
     Ok(())
 }

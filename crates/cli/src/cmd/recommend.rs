@@ -63,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
         None => log.users.names().to_vec(),
     };
     // Per log user: model item ids, time order, and the last timestamp.
-    let (history, last_ts) = model.user.histories(&log);
+    let history = model.user.histories(&log);
     let latest = log.ts.iter().copied().max().unwrap_or(0);
     let items = model.item.embed_all()?;
     let mut out: Box<dyn Write> = match &a.out {
@@ -72,23 +72,18 @@ pub fn run(a: Args) -> Result<()> {
         )),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let empty = Vec::new();
     for chunk in users.chunks(256) {
         let reqs: Vec<UserRequest> = chunk
             .iter()
             .map(|u| {
-                let lu = log.users.get(u);
                 // Unknown users get a cold-start embedding from their stored profile, if any.
-                UserRequest {
-                    user: u,
-                    history: lu
-                        .map_or(&empty, |lu| &history[lu as usize])
-                        .iter()
-                        .rev()
-                        .copied()
-                        .collect(),
-                    ts: lu.map_or(latest, |lu| last_ts[lu as usize]),
-                    features: None,
+                match log.users.get(u) {
+                    Some(lu) => model.user.request_of(&history, u, lu as usize),
+                    None => UserRequest {
+                        user: u,
+                        ts: latest,
+                        ..Default::default()
+                    },
                 }
             })
             .collect();

@@ -5,16 +5,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use tandem_retrain::{CycleOptions, Fault, Fleet, History, Outcome, RetrainConfig, Retrainer};
+use tandem_client::FleetAdmin;
+
+use crate::args::{AdminArgs, ClientTlsArgs};
+use tandem_retrain::{CycleOptions, Fault, History, Outcome, RetrainConfig, Retrainer};
 
 use crate::args::{parse_duration, print_json};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("schedule").required(true).args(["once", "every"])))]
 pub struct Args {
-    /// The event log: a segment directory as the user-tower service writes it, or an event file.
+    /// The events: a segment directory as the user-tower service writes it, an event file, or
+    /// `nats://HOST:4222` to read the window from the NATS JetStream engagement stream.
     #[arg(long, env = "TANDEM_EVENT_LOG")]
-    pub events: PathBuf,
+    pub events: String,
+    #[command(flatten)]
+    pub nats: crate::args::NatsArgs,
     /// Artifact store root.
     #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
     pub artifacts: PathBuf,
@@ -38,8 +44,10 @@ pub struct Args {
     /// Homefeed orchestrator URL for the canary probe (no canary without it).
     #[arg(long, env = "TANDEM_HOMEFEED")]
     pub homefeed: Option<String>,
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
-    pub admin_token: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[arg(long)]
     pub user_features: Option<PathBuf>,
     #[arg(long)]
@@ -70,22 +78,27 @@ pub struct HistoryArgs {
 }
 
 fn options(a: &Args) -> Result<CycleOptions> {
-    let mut o = CycleOptions::new(a.artifacts.clone(), &a.model, a.events.clone());
+    let mut o = CycleOptions::new(a.artifacts.clone(), &a.model, PathBuf::from(&a.events));
+    if tandem_stream::is_nats_url(&a.events) {
+        o.events_stream = Some(a.nats.options(&a.events, "tandem-retrain"));
+    }
     o.user_features = a.user_features.clone();
     o.item_features = a.item_features.clone();
     o.homefeed = a.homefeed.clone();
+    o.client = a.tls.options(None)?;
     o.fault = a.fault;
     if !a.hosts.is_empty() {
-        let (Some(user_tower), Some(token)) = (&a.user_tower, &a.admin_token) else {
-            bail!("--hosts needs --user-tower and --admin-token (the rollout checks the user tower and loads versions)");
+        let Some(user_tower) = &a.user_tower else {
+            bail!("--hosts needs --user-tower (the rollout checks that the user tower has the version)");
         };
-        o.fleet = Some(Fleet {
-            hosts: a.hosts.clone(),
-            user_tower: user_tower.clone(),
-            artifacts: a.artifacts.clone(),
-            model: a.model.clone(),
-            admin_token: token.clone(),
-        });
+        let token = a.admin.required()?;
+        o.fleet = Some(FleetAdmin::new(
+            &a.hosts,
+            user_tower,
+            a.artifacts.clone(),
+            &a.model,
+            &a.tls.options(Some(token))?,
+        )?);
     }
     if !a.json {
         o.say = Arc::new(|m| eprintln!("{m}"));
@@ -103,20 +116,38 @@ pub fn run(a: Args) -> Result<()> {
             "--metrics-listen needs --every: a --once cycle has ended before anything scrapes it"
         );
     }
-    if !a.events.exists() {
-        bail!("{}: no such event log", a.events.display());
+    if !tandem_stream::is_nats_url(&a.events) && !std::path::Path::new(&a.events).exists() {
+        bail!("{}: no such event log", a.events);
     }
-    let retrainer = Retrainer::new(options(&a)?, cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Lazy gRPC channels (the fleet's clients) need a runtime to exist when they are made.
+    let _in_runtime = rt.enter();
+    let retrainer = Retrainer::new(options(&a)?, cfg);
     rt.block_on(async move {
         if let Some(every) = a.every {
             let listener = crate::cmd::serve::bind_metrics(a.metrics_listen).await?;
-            crate::cmd::serve::start_metrics(listener, retrainer.metrics().clone())?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let metrics = listener.map(|l| {
+                if let Ok(addr) = l.local_addr() {
+                    eprintln!("metrics on http://{addr}/metrics");
+                }
+                tokio::spawn(tandem_telemetry::serve_metrics(
+                    retrainer.metrics().clone(),
+                    l,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ))
+            });
             retrainer
                 .run_every(every, crate::cmd::serve::shutdown_signal())
                 .await?;
+            let _ = stop.send(());
+            if let Some(m) = metrics {
+                let _ = m.await;
+            }
             return Ok(());
         }
         retrainer.resume().await?;
@@ -139,10 +170,13 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 pub fn history(a: HistoryArgs) -> Result<()> {
+    if !a.artifacts.is_dir() {
+        bail!("{}: no such artifact store", a.artifacts.display());
+    }
     let h = History::for_model(&a.artifacts, &a.model);
     let cycles = h.cycles()?;
     if let Some(path) = &a.plot {
-        tandem_retrain::plot::plot(&cycles, path)?;
+        crate::plot::plot(&cycles, path)?;
         if !a.json {
             eprintln!("wrote {}", path.display());
         }
@@ -167,7 +201,7 @@ pub fn history(a: HistoryArgs) -> Result<()> {
                 .map_or("-".to_string(), |v| format!("{v:.4}"))
         };
         let version = match (&c.champion, &c.version) {
-            (_, Some(v)) => v.clone(),
+            (_, Some(v)) => v.to_string(),
             (Some(ch), None) => format!("({ch})"),
             _ => "-".into(),
         };

@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tandem_ann::{AnnConfig, AnnHost};
+use tandem_server::{Limits, ServerOptions};
+
+use crate::args::AdminArgs;
 use tandem_types::ModelVersion;
 
 #[derive(clap::Subcommand, Debug)]
@@ -19,6 +22,85 @@ pub enum Serve {
     Homefeed(HomefeedArgs),
 }
 
+/// Settings every server shares.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM, report NOT_SERVING and keep serving this long before draining, so load
+    /// balancers and readiness probes stop routing here first (milliseconds).
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_MS", default_value_t = 2000)]
+    pub shutdown_grace_ms: u64,
+    /// Serve TLS with this certificate chain (PEM); plain text without it.
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "TANDEM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Requests handled at once; more are refused at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_MAX_IN_FLIGHT", default_value_t = Limits::default().max_in_flight)]
+    pub max_in_flight: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, default_value_t = Limits::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+    /// Close a connection after this many seconds without a byte in either direction.
+    #[arg(long, env = "TANDEM_IDLE_TIMEOUT_S", default_value_t = Limits::default().idle_timeout.as_secs())]
+    pub idle_timeout_s: u64,
+}
+
+impl ServerArgs {
+    /// Binds the metrics endpoint (done with the service's own bind, before anything is
+    /// printed, so a taken port fails with one line) and reads the TLS files.
+    async fn options(&self) -> Result<ServerOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(tandem_server::server_tls(
+                cert,
+                key,
+                self.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
+        Ok(ServerOptions {
+            grace: std::time::Duration::from_millis(self.shutdown_grace_ms),
+            metrics: bind_metrics(self.metrics_listen).await?,
+            tls,
+            limits: Limits {
+                max_in_flight: self.max_in_flight.max(1),
+                max_concurrent_streams: self.max_concurrent_streams.max(1),
+                idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s.max(1)),
+                ..Limits::default()
+            },
+        })
+    }
+
+    /// The client side of a server that calls others (the orchestrator): its own certificate
+    /// doubles as its client identity for upstreams that require mutual TLS.
+    fn client_options(
+        &self,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<tandem_client::ClientOptions> {
+        crate::args::ClientTlsArgs {
+            tls_ca: tls_ca.map(Into::into),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+        .options(None)
+    }
+}
+
+/// Prints where a service listens (scripts read this first line) and its metrics address.
+fn announce(what: &str, listener: &tokio::net::TcpListener, opts: &ServerOptions) -> Result<()> {
+    eprintln!("{what} listening on {}", listener.local_addr()?);
+    if let Some(m) = &opts.metrics {
+        eprintln!("metrics on http://{}/metrics", m.local_addr()?);
+    }
+    Ok(())
+}
+
 #[derive(clap::Args, Debug)]
 pub struct HomefeedArgs {
     #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
@@ -26,14 +108,19 @@ pub struct HomefeedArgs {
     /// ANN host URLs, comma-separated (http://host:port).
     #[arg(long, env = "TANDEM_ANN_HOSTS", value_delimiter = ',', required = true)]
     pub ann_hosts: Vec<String>,
-    /// User-tower URL.
-    #[arg(long, env = "TANDEM_USER_TOWER")]
-    pub user_tower: String,
+    /// User-tower replica URLs, comma-separated: requests are spread over them and fail over
+    /// between them.
+    #[arg(
+        long,
+        env = "TANDEM_USER_TOWER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub user_tower: Vec<String>,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7301")]
     pub listen: SocketAddr,
-    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
-    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Host picking: round-robin, two-choices or sticky.
     #[arg(long, default_value = "two-choices")]
     pub pick: tandem_homefeed::Pick,
@@ -46,6 +133,9 @@ pub struct HomefeedArgs {
     /// Deadline of one GetCandidates, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub deadline_ms: u64,
+    /// CA certificate (PEM) the ANN hosts' and user tower's https:// certificates chain to.
+    #[arg(long, env = "TANDEM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,12 +150,33 @@ pub struct UserTowerArgs {
     pub keep: usize,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7201")]
     pub listen: SocketAddr,
-    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
-    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Directory of the durable engagement log (segment files `tandem train --events` reads).
-    #[arg(long, env = "TANDEM_EVENT_LOG", default_value = "events")]
-    pub event_log: PathBuf,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Where engagement goes: a directory for the embedded durable log (segment files `tandem
+    /// train --events` reads; one replica), or `nats://HOST:4222` for the NATS JetStream stream
+    /// every replica shares.
+    #[arg(
+        long,
+        alias = "event-log",
+        env = "TANDEM_EVENT_LOG",
+        default_value = "events"
+    )]
+    pub events: String,
+    #[command(flatten)]
+    pub nats: crate::args::NatsArgs,
+    /// With NATS: on start, rebuild the state from this window of the stream (30d, 12h).
+    #[arg(long, default_value = "30d", value_parser = crate::args::parse_duration)]
+    pub state_window: std::time::Duration,
+    /// With NATS: report NOT_SERVING while this replica's oldest unapplied message is older.
+    #[arg(long, default_value_t = 30.0)]
+    pub max_lag_s: f64,
+    /// Longest an Embed with min_sequence waits for this replica to apply it, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub max_sequence_wait_ms: u64,
+    /// Drill: sleep this many milliseconds after applying each stream message, so the replica
+    /// falls behind (for testing the lag bound).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub fault_apply_delay_ms: u64,
     /// Registry poll interval in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub poll_ms: u64,
@@ -90,16 +201,31 @@ pub struct AnnArgs {
     pub version: Option<ModelVersion>,
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7101")]
     pub listen: SocketAddr,
-    /// Serve Prometheus metrics on this address (`GET /metrics`); off when unset.
-    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Token required by LoadVersion and Rollback (`authorization: Bearer <token>`); without it
-    /// admin RPCs are refused.
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN")]
-    pub admin_token: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The token LoadVersion and Rollback require; without one, admin RPCs are refused.
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Largest k a search may ask for.
     #[arg(long, default_value_t = 1000)]
     pub max_k: usize,
+    /// Largest ef a search may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_ef: usize,
+    /// Honour allow_version_mismatch from any caller (the naive mode's measurement only).
+    #[arg(long)]
+    pub allow_version_mismatch: bool,
+    /// This host's name in the registry's pins and its state file (default: hostname-port).
+    #[arg(long, env = "TANDEM_HOST_ID")]
+    pub host_id: Option<String>,
+    /// Where to record what this host serves, so a restart resumes it (default:
+    /// <artifacts>/hosts/<model>-<host-id>.json).
+    #[arg(long, env = "TANDEM_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Serve shard I of sharded index versions (`tandem index --shards S`); without it the host
+    /// serves unsharded versions only.
+    #[arg(long, env = "TANDEM_SHARD")]
+    pub shard: Option<u32>,
 }
 
 pub fn run(s: Serve) -> Result<()> {
@@ -108,78 +234,116 @@ pub fn run(s: Serve) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         match s {
-            Serve::Ann(a) => {
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .with_context(|| format!("binding {}", a.listen))?;
-                let metrics = bind_metrics(a.metrics_listen).await?;
-                eprintln!(
-                    "ann host for {} listening on {}",
-                    a.model,
-                    listener.local_addr()?
-                );
-                let host = Arc::new(AnnHost::new(AnnConfig {
-                    artifacts: a.artifacts,
-                    model: a.model,
-                    version: a.version,
-                    admin_token: a.admin_token,
-                    max_k: a.max_k,
-                }));
-                start_metrics(metrics, host.metrics().clone())?;
-                tandem_ann::serve(host, listener, shutdown_signal()).await?;
-                Ok(())
-            }
-            Serve::UserTower(a) => {
-                let mut cfg =
-                    tandem_usertower::UserTowerConfig::new(a.artifacts, &a.model, a.event_log);
-                cfg.keep = a.keep.max(1);
-                cfg.poll = std::time::Duration::from_millis(a.poll_ms.max(10));
-                cfg.fsync = a.fsync;
-                cfg.max_event_age = std::time::Duration::from_secs(a.max_event_age_days * 86_400);
-                let core = Arc::new(
-                    tokio::task::spawn_blocking(move || tandem_usertower::UserTower::open(cfg))
-                        .await??,
-                );
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .with_context(|| format!("binding {}", a.listen))?;
-                let metrics = bind_metrics(a.metrics_listen).await?;
-                eprintln!(
-                    "user tower for {} listening on {}",
-                    a.model,
-                    listener.local_addr()?
-                );
-                start_metrics(metrics, core.metrics().clone())?;
-                tandem_usertower::serve(core, listener, shutdown_signal()).await?;
-                Ok(())
-            }
-            Serve::Homefeed(a) => {
-                let mut cfg =
-                    tandem_homefeed::HomefeedConfig::new(&a.model, a.ann_hosts, a.user_tower);
-                cfg.pick = a.pick;
-                cfg.sync = a.sync;
-                cfg.metadata_ttl = std::time::Duration::from_millis(a.metadata_ttl_ms);
-                cfg.deadline = std::time::Duration::from_millis(a.deadline_ms.max(1));
-                let core = Arc::new(tandem_homefeed::Orchestrator::new(cfg)?);
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .with_context(|| format!("binding {}", a.listen))?;
-                let metrics = bind_metrics(a.metrics_listen).await?;
-                eprintln!(
-                    "homefeed for {} listening on {}",
-                    a.model,
-                    listener.local_addr()?
-                );
-                start_metrics(metrics, core.metrics().clone())?;
-                tandem_homefeed::serve(core, listener, shutdown_signal()).await?;
-                Ok(())
-            }
+            Serve::Ann(a) => serve_ann(a).await,
+            Serve::UserTower(a) => serve_user_tower(a).await,
+            Serve::Homefeed(a) => serve_homefeed(a).await,
         }
     })
 }
 
-/// Binds the metrics endpoint, when one is asked for. Done with the service's own bind, before
-/// anything is printed, so a taken port fails with one line.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+async fn serve_ann(a: AnnArgs) -> Result<()> {
+    let admin_token = a.admin.token()?;
+    if !a.artifacts.is_dir() {
+        anyhow::bail!(
+            "{}: no such artifact store (a host may wait for its first version, but the store must exist)",
+            a.artifacts.display()
+        );
+    }
+    let listener = bind(a.listen).await?;
+    let opts = a.server.options().await?;
+    announce(&format!("ann host for {}", a.model), &listener, &opts)?;
+    let host_id = a.host_id.clone().unwrap_or_else(|| {
+        let name = std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        format!("{name}-{}", listener.local_addr().map_or(0, |l| l.port()))
+    });
+    let host = Arc::new(AnnHost::new(AnnConfig {
+        version: a.version,
+        admin_token,
+        max_k: a.max_k,
+        max_ef: a.max_ef.max(1),
+        allow_version_mismatch: a.allow_version_mismatch,
+        host_id,
+        state_file: a.state_file,
+        shard: a.shard,
+        ..AnnConfig::new(a.artifacts, &a.model)
+    }));
+    tandem_ann::serve(host, listener, shutdown_signal(), opts).await?;
+    Ok(())
+}
+
+async fn serve_user_tower(a: UserTowerArgs) -> Result<()> {
+    let nats = tandem_stream::is_nats_url(&a.events);
+    let mut cfg = tandem_usertower::UserTowerConfig::new(
+        a.artifacts,
+        &a.model,
+        PathBuf::from(if nats { "" } else { &a.events }),
+    );
+    cfg.keep = a.keep.max(1);
+    cfg.poll = std::time::Duration::from_millis(a.poll_ms.max(10));
+    cfg.fsync = a.fsync;
+    cfg.max_event_age = std::time::Duration::from_secs(a.max_event_age_days * 86_400);
+    cfg.max_sequence_wait = std::time::Duration::from_millis(a.max_sequence_wait_ms);
+    cfg.fault_apply_delay = std::time::Duration::from_millis(a.fault_apply_delay_ms);
+    if a.max_lag_s.is_nan() || a.max_lag_s <= 0.0 {
+        anyhow::bail!("--max-lag-s must be positive");
+    }
+    let listener = bind(a.listen).await?;
+    let core = if nats {
+        let port = listener.local_addr().map_or(0, |l| l.port());
+        let options = a
+            .nats
+            .options(&a.events, &format!("tandem-user-tower-{port}"));
+        cfg.nats = Some(tandem_usertower::NatsConfig {
+            nats: options.clone(),
+            state_window: a.state_window,
+            max_lag: std::time::Duration::from_secs_f64(a.max_lag_s),
+        });
+        let stream = tandem_stream::EventStream::connect(&options).await?;
+        Arc::new(tandem_usertower::UserTower::open_replica(cfg, stream))
+    } else {
+        Arc::new(
+            tokio::task::spawn_blocking(move || tandem_usertower::UserTower::open(cfg)).await??,
+        )
+    };
+    let opts = a.server.options().await?;
+    let mode = if nats {
+        format!("replica on {}", a.events)
+    } else {
+        format!("local log {}", a.events)
+    };
+    announce(
+        &format!("user tower for {} ({mode})", a.model),
+        &listener,
+        &opts,
+    )?;
+    tandem_usertower::serve(core, listener, shutdown_signal(), opts).await?;
+    Ok(())
+}
+
+async fn serve_homefeed(a: HomefeedArgs) -> Result<()> {
+    let mut cfg = tandem_homefeed::HomefeedConfig::new(&a.model, a.ann_hosts, a.user_tower);
+    cfg.pick = a.pick;
+    cfg.sync = a.sync;
+    cfg.metadata_ttl = std::time::Duration::from_millis(a.metadata_ttl_ms);
+    cfg.deadline = std::time::Duration::from_millis(a.deadline_ms.max(1));
+    cfg.client = a.server.client_options(a.tls_ca.as_deref())?;
+    let core = Arc::new(tandem_homefeed::Orchestrator::new(cfg)?);
+    let listener = bind(a.listen).await?;
+    let opts = a.server.options().await?;
+    announce(&format!("homefeed for {}", a.model), &listener, &opts)?;
+    tandem_homefeed::serve(core, listener, shutdown_signal(), opts).await?;
+    Ok(())
+}
+
+/// Binds the metrics endpoint, when one is asked for.
 pub async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<tokio::net::TcpListener>> {
     let Some(addr) = addr else {
         return Ok(None);
@@ -188,24 +352,6 @@ pub async fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<tokio::net:
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     Ok(Some(listener))
-}
-
-/// Serves `registry` on `listener` in the background and prints its address on stderr (after
-/// the service's own "listening on" line, which scripts read first).
-pub fn start_metrics(
-    listener: Option<tokio::net::TcpListener>,
-    registry: Arc<tandem_telemetry::Registry>,
-) -> Result<()> {
-    let Some(listener) = listener else {
-        return Ok(());
-    };
-    eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
-    tokio::spawn(tandem_telemetry::serve_metrics(
-        registry,
-        listener,
-        std::future::pending(),
-    ));
-    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -228,5 +374,5 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("shutting down: draining in-flight requests");
+    eprintln!("shutting down: not serving, then draining in-flight requests");
 }

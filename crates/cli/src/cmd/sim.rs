@@ -10,16 +10,28 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use tandem_artifact::version_dir;
+use tandem_client::{AnnClient, ClientOptions, HomefeedClient};
+use tandem_cluster::{wait_for, Cluster, ClusterBuilder};
 use tandem_homefeed::{Pick, SyncMode};
 use tandem_model::eval::top_k;
 use tandem_model::{TwoTower, UserRequest};
-use tandem_proto::homefeed::v1 as pb;
-use tandem_sandbox::{load, rollback, wait_until, SandboxBuilder};
+use tandem_pipeline::publish_small_synthetic;
+use tandem_types::clock::now_unix;
+use tandem_types::stats::percentiles;
+use tandem_types::{ModelVersion, MODELS};
+
+const MODEL: &str = "tandem";
+/// The in-process cluster's admin token (loopback only, gone when the simulation ends).
+const TOKEN: &str = "sim";
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Sim {
     /// Roll a fleet v1 → v2 under traffic with a forced mid-request flip, a rollback and a crash.
     Rollout(RolloutArgs),
+    /// Inject faults into separate processes (full disk, corrupt versions, kill -9 while
+    /// recording, loading and publishing, a stall) and report losses and recovery times.
+    Faults(crate::cmd::faults::FaultsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -39,14 +51,17 @@ pub struct RolloutArgs {
 
 struct Answer {
     user: String,
-    index_version: String,
-    embedding_version: String,
+    index_version: ModelVersion,
+    embedding_version: ModelVersion,
     items: Vec<String>,
     micros: f64,
 }
 
 pub fn run(s: Sim) -> Result<()> {
-    let Sim::Rollout(a) = s;
+    let a = match s {
+        Sim::Rollout(a) => a,
+        Sim::Faults(a) => return crate::cmd::faults::run(a),
+    };
     if a.hosts < 3 {
         anyhow::bail!(
             "--hosts must be at least 3 (one to roll back, one to kill, one to keep serving)"
@@ -86,170 +101,224 @@ pub fn run(s: Sim) -> Result<()> {
     Ok(())
 }
 
-async fn run_mode(a: &RolloutArgs, mode: SyncMode) -> Result<serde_json::Value> {
+/// The cluster of one mode: v1 and v2 of a small model (different seeds), every host on v1,
+/// and the orchestrator's between-embed-and-search hook wired to the forced flip.
+struct SimCluster {
+    _dir: tempfile::TempDir,
+    cluster: Cluster,
+    armed: Arc<AtomicBool>,
+    flips: Arc<AtomicU64>,
+}
+
+async fn start(hosts: usize, mode: SyncMode) -> Result<SimCluster> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        publish_small_synthetic(&root, MODEL, 1)?;
+        publish_small_synthetic(&root, MODEL, 2)?;
+        Ok(())
+    })
+    .await??;
     let armed = Arc::new(AtomicBool::new(false));
     let flips = Arc::new(AtomicU64::new(0));
     let (arm, count) = (armed.clone(), flips.clone());
-    let mut sb = SandboxBuilder::new(&vec![1; a.hosts])
+    let opts = ClientOptions::default().with_admin_token(TOKEN);
+    let cluster = ClusterBuilder::new(dir.path(), MODEL, &vec![ModelVersion(1); hosts])
+        .admin_token(TOKEN)
+        .measurement_hosts(mode == SyncMode::Naive)
         .homefeed(move |cfg| {
             cfg.sync = mode;
             cfg.pick = Pick::TwoChoices;
             // The forced race: once armed, the host in the middle of the next request flips to
             // v2 between that request's Embed and its Search.
             cfg.between_embed_and_search = Some(Arc::new(move |host: &str| {
-                let (arm, count, host) = (arm.clone(), count.clone(), host.to_string());
+                let (arm, count, opts, host) =
+                    (arm.clone(), count.clone(), opts.clone(), host.to_string());
                 Box::pin(async move {
                     if arm.swap(false, Ordering::SeqCst) {
-                        load(&host, "v2").await;
-                        count.fetch_add(1, Ordering::SeqCst);
+                        match AnnClient::lazy(&host, &opts) {
+                            Ok(c) if c.load(ModelVersion(2), None).await.is_ok() => {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => tracing::warn!(%host, "the forced flip failed"),
+                        }
                     }
                 })
             }));
         })
         .start()
-        .await;
+        .await?;
+    Ok(SimCluster {
+        _dir: dir,
+        cluster,
+        armed,
+        flips,
+    })
+}
+
+/// `workers` tasks of `per` GetCandidates each; answers and errors are collected.
+fn drive(
+    client: &HomefeedClient,
+    workers: usize,
+    per: usize,
+    k: i32,
+    answers: &Arc<Mutex<Vec<Answer>>>,
+    errors: &Arc<AtomicU64>,
+    done: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|w| {
+            let (c, answers, errors, done) = (
+                client.clone(),
+                answers.clone(),
+                errors.clone(),
+                done.clone(),
+            );
+            tokio::spawn(async move {
+                for i in 0..per {
+                    let user = format!("u{}", (w * 53 + i * 7) % 200);
+                    let t = Instant::now();
+                    match c.candidates(&user, k, false, None).await {
+                        Ok(r) => answers.lock().expect("lock").push(Answer {
+                            user,
+                            index_version: r.index_version,
+                            embedding_version: r.embedding_version,
+                            items: r.items.into_iter().map(|(i, _)| i).collect(),
+                            micros: t.elapsed().as_secs_f64() * 1e6,
+                        }),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect()
+}
+
+async fn run_mode(a: &RolloutArgs, mode: SyncMode) -> Result<serde_json::Value> {
+    let mut sim = start(a.hosts, mode).await?;
+    let client = sim.cluster.homefeed_client()?;
     let answers: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::with_capacity(a.requests)));
     let errors = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let workers = 8;
     let per = a.requests / workers;
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let (mut c, answers, errors, done, k) = (
-            sb.client.clone(),
-            answers.clone(),
-            errors.clone(),
-            done.clone(),
-            a.k,
-        );
-        tasks.push(tokio::spawn(async move {
-            for i in 0..per {
-                let user = format!("u{}", (w * 53 + i * 7) % 200);
-                let t = Instant::now();
-                match c
-                    .get_candidates(pb::GetCandidatesRequest {
-                        user_id: user.clone(),
-                        k,
-                        exclude_seen: false,
-                    })
-                    .await
-                {
-                    Ok(r) => {
-                        let r = r.into_inner();
-                        answers.lock().expect("lock").push(Answer {
-                            user,
-                            index_version: r.model_version,
-                            embedding_version: r.embedding_version,
-                            items: r.items.into_iter().map(|i| i.item_id).collect(),
-                            micros: t.elapsed().as_secs_f64() * 1e6,
-                        });
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                done.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
-    }
+    let tasks = drive(&client, workers, per, a.k, &answers, &errors, &done);
     let total = (per * workers) as u64;
+    let events = choreography(&mut sim, &done, total).await?;
+    for t in tasks {
+        t.await?;
+    }
+    let answers = std::mem::take(&mut *answers.lock().expect("lock"));
+    let (recall, mismatched, by_version) = score(&sim.cluster, &answers, a.k as usize)?;
+    let mut lat: Vec<f64> = answers.iter().map(|a| a.micros / 1000.0).collect();
+    let [p50, p99] = percentiles(&mut lat, [0.5, 0.99]);
+    Ok(serde_json::json!({
+        "requests": total,
+        "answered": answers.len(),
+        "errors": errors.load(Ordering::SeqCst),
+        "mismatched": mismatched,
+        "recall_at_k": recall,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "answers_by_index_version": by_version,
+        "forced_flips": sim.flips.load(Ordering::SeqCst),
+        "events": events,
+    }))
+}
+
+/// The rolling upgrade under traffic, keyed to the share of requests done: host 0 → v2, the
+/// forced flip armed, the other hosts → v2 one by one, host 0 rolled back, the last host killed.
+async fn choreography(
+    sim: &mut SimCluster,
+    done: &Arc<AtomicU64>,
+    total: u64,
+) -> Result<Vec<String>> {
     let at = |f: f64| (total as f64 * f) as u64;
     let reach = |n: u64| {
         let d = done.clone();
         async move {
-            wait_until(Duration::from_secs(600), "traffic", || {
+            wait_for(Duration::from_secs(600), "traffic", || {
                 let v = d.load(Ordering::SeqCst);
                 async move { v >= n }
             })
             .await
         }
     };
-    let urls: Vec<String> = sb.hosts.iter().map(|h| h.url()).collect();
+    let admin = |url: &str| AnnClient::lazy(url, &sim.cluster.admin_options());
+    let urls = sim.cluster.host_urls();
     let mut events = Vec::new();
-    reach(at(0.10)).await;
-    load(&urls[0], "v2").await;
+    reach(at(0.10)).await?;
+    admin(&urls[0])?.load(ModelVersion(2), None).await?;
     events.push(format!("{} → v2", urls[0]));
-    reach(at(0.25)).await;
-    armed.store(true, Ordering::SeqCst);
+    reach(at(0.25)).await?;
+    sim.armed.store(true, Ordering::SeqCst);
     events.push("forced flip armed".to_string());
     for (i, url) in urls.iter().enumerate().skip(1) {
-        reach(at(0.25 + 0.3 * i as f64 / urls.len() as f64)).await;
-        load(url, "v2").await;
+        reach(at(0.25 + 0.3 * i as f64 / urls.len() as f64)).await?;
+        admin(url)?.load(ModelVersion(2), None).await?;
         events.push(format!("{url} → v2"));
     }
-    reach(at(0.70)).await;
-    rollback(&urls[0]).await;
+    reach(at(0.70)).await?;
+    admin(&urls[0])?.rollback(None).await?;
     events.push(format!("{} rolled back", urls[0]));
-    reach(at(0.85)).await;
-    let last = sb.hosts.len() - 1;
-    sb.hosts[last].kill();
+    reach(at(0.85)).await?;
+    let last = urls.len() - 1;
+    sim.cluster.hosts[last].kill();
     events.push(format!("{} killed", urls[last]));
-    for t in tasks {
-        t.await?;
-    }
+    Ok(events)
+}
 
-    // Exact ground truth per (user, version): that version's user embedding against all of that
-    // version's items, computed offline from the published artifacts.
-    let models = sb.models();
-    let answers = std::mem::take(&mut *answers.lock().expect("lock"));
-    let mut truth: HashMap<(String, String), HashSet<String>> = HashMap::new();
-    let ts = tandem_usertower::service::now_secs();
-    let mut item_embs: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
-    for (v, m) in &models {
-        item_embs.insert(v.clone(), m.item.embed_all()?.to_vec2::<f32>()?);
+/// Recall@k of every answer against the exact top-k of the version that answered (that
+/// version's user embedding against all of its items, from the published artifacts), mismatched
+/// answers, and answers per version.
+fn score(
+    cluster: &Cluster,
+    answers: &[Answer],
+    k: usize,
+) -> Result<(f64, u64, BTreeMap<ModelVersion, u64>)> {
+    let mut models: BTreeMap<ModelVersion, (TwoTower, Vec<Vec<f32>>)> = BTreeMap::new();
+    for v in [ModelVersion(1), ModelVersion(2)] {
+        let m = TwoTower::load(&version_dir(&cluster.root, MODELS, MODEL, v))?;
+        let items = m.item.embed_all()?.to_vec2::<f32>()?;
+        models.insert(v, (m, items));
     }
+    let ts = now_unix();
+    let mut truth: HashMap<(String, ModelVersion), HashSet<String>> = HashMap::new();
     let mut hits = 0.0;
     let mut mismatched = 0u64;
-    let mut by_version: BTreeMap<String, u64> = BTreeMap::new();
-    for ans in &answers {
+    let mut by_version: BTreeMap<ModelVersion, u64> = BTreeMap::new();
+    for ans in answers {
         if ans.index_version != ans.embedding_version {
             mismatched += 1;
         }
-        *by_version.entry(ans.index_version.clone()).or_default() += 1;
-        let key = (ans.user.clone(), ans.index_version.clone());
+        *by_version.entry(ans.index_version).or_default() += 1;
+        let key = (ans.user.clone(), ans.index_version);
         if !truth.contains_key(&key) {
-            let m: &TwoTower = &models[&ans.index_version];
+            let (m, items) = &models[&ans.index_version];
             let u = m
                 .user
                 .embed_requests(&[UserRequest {
                     user: &ans.user,
-                    history: vec![],
                     ts,
-                    features: None,
+                    ..Default::default()
                 }])?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let scores: Vec<f32> = item_embs[&ans.index_version]
+            let scores: Vec<f32> = items
                 .iter()
                 .map(|row| row.iter().zip(&u).map(|(x, y)| x * y).sum())
                 .collect();
-            let best: HashSet<String> = top_k(&scores, a.k as usize, |i| i == 0)
+            let best: HashSet<String> = top_k(&scores, k, |i| i == 0)
                 .into_iter()
                 .map(|i| m.item.items.ids[i].clone())
                 .collect();
             truth.insert(key.clone(), best);
         }
         let t = &truth[&key];
-        hits += ans.items.iter().filter(|i| t.contains(*i)).count() as f64 / a.k as f64;
+        hits += ans.items.iter().filter(|i| t.contains(*i)).count() as f64 / k as f64;
     }
-    let mut lat: Vec<f64> = answers.iter().map(|a| a.micros).collect();
-    lat.sort_by(f64::total_cmp);
-    let pct = |q: f64| {
-        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-            / 1000.0
-    };
-    Ok(serde_json::json!({
-        "requests": total,
-        "answered": answers.len(),
-        "errors": errors.load(Ordering::SeqCst),
-        "mismatched": mismatched,
-        "recall_at_k": hits / answers.len().max(1) as f64,
-        "p50_ms": pct(0.5),
-        "p99_ms": pct(0.99),
-        "answers_by_index_version": by_version,
-        "forced_flips": flips.load(Ordering::SeqCst),
-        "events": events,
-    }))
+    Ok((hits / answers.len().max(1) as f64, mismatched, by_version))
 }

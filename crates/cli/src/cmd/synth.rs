@@ -29,6 +29,9 @@ pub struct Args {
     /// Fraction of user interest drifted to new topics by the end of the log.
     #[arg(long, default_value_t = SynthConfig::default().drift)]
     pub drift: f64,
+    /// Probability that an event repeats one of the user's own past items (grocery-like).
+    #[arg(long, default_value_t = SynthConfig::default().repeat)]
+    pub repeat: f64,
     #[arg(long, default_value_t = SynthConfig::default().seed)]
     pub seed: u64,
     /// csv, csv.gz or parquet.
@@ -51,6 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         topics: a.topics,
         days: a.days,
         drift: a.drift,
+        repeat: a.repeat,
         seed: a.seed,
         ..Default::default()
     };

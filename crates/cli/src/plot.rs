@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use crate::history::{CycleRecord, Outcome};
-use crate::{Result, RetrainError};
+use anyhow::{anyhow, bail, Result};
+use tandem_retrain::{CycleRecord, Outcome};
 
 const W: usize = 900;
 const H: usize = 480;
@@ -47,9 +47,7 @@ impl Chart {
             .cloned()
             .collect();
         if cycles.is_empty() {
-            return Err(RetrainError::Invalid(
-                "no cycle with metrics to plot yet".into(),
-            ));
+            bail!("no cycle with metrics to plot yet");
         }
         let mut ymax: f64 = 0.1;
         for c in &cycles {
@@ -362,11 +360,9 @@ fn png(ch: &Chart) -> Result<Vec<u8>> {
         let mut enc = png::Encoder::new(&mut out, W as u32, H as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc
-            .write_header()
-            .map_err(|e| RetrainError::Invalid(format!("png: {e}")))?;
+        let mut w = enc.write_header().map_err(|e| anyhow!("png: {e}"))?;
         w.write_image_data(&cv.px)
-            .map_err(|e| RetrainError::Invalid(format!("png: {e}")))?;
+            .map_err(|e| anyhow!("png: {e}"))?;
     }
     Ok(out)
 }
@@ -378,10 +374,7 @@ pub fn plot(cycles: &[CycleRecord], path: &Path) -> Result<()> {
         Some("svg") => svg(&ch).into_bytes(),
         Some("png") => png(&ch)?,
         _ => {
-            return Err(RetrainError::Invalid(format!(
-                "{}: the plot file must end in .svg or .png",
-                path.display()
-            )))
+            bail!("{}: the plot file must end in .svg or .png", path.display())
         }
     };
     tandem_artifact::write_atomic(path, &bytes)?;
@@ -401,7 +394,7 @@ mod tests {
                 } else {
                     Outcome::Deployed
                 };
-                c.version = (i != 2).then(|| format!("v{i}"));
+                c.version = (i != 2).then_some(tandem_types::ModelVersion(i));
                 c.candidate_metrics
                     .insert("recall@50".into(), 0.2 + 0.05 * i as f64);
                 c.champion_metrics.insert("recall@50".into(), 0.25);

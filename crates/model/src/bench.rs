@@ -1,0 +1,98 @@
+//! `tandem bench train`: training steps per second on a fixed synthetic shape, kept apart from
+//! the training loop so the loop's file holds training only.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::config::{ModelConfig, TrainConfig};
+use crate::encode::EntityVocab;
+use crate::train::{Example, Sequences, Trainer};
+use crate::Result;
+
+/// The fixed synthetic shape of `tandem bench train`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchShape {
+    pub users: usize,
+    pub items: usize,
+    pub history: usize,
+    pub batch_size: usize,
+    pub dim: usize,
+    pub hidden: usize,
+}
+
+impl Default for BenchShape {
+    fn default() -> Self {
+        BenchShape {
+            users: 20_000,
+            items: 100_000,
+            history: 50,
+            batch_size: 1024,
+            dim: 64,
+            hidden: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub steps: usize,
+    pub examples_per_sec: f64,
+    pub ms_per_step: f64,
+}
+
+/// Times `steps` training steps (after 3 warm-up steps) on random full-length histories.
+pub fn bench_train(shape: &BenchShape, steps: usize) -> Result<BenchResult> {
+    let cfg = ModelConfig {
+        dim: shape.dim,
+        id_dim: shape.dim,
+        hidden: shape.hidden,
+        history: shape.history,
+        ..Default::default()
+    };
+    let tcfg = TrainConfig {
+        batch_size: shape.batch_size,
+        ..Default::default()
+    };
+    let user_ids: Vec<String> = (0..shape.users).map(|u| format!("u{u}")).collect();
+    let item_ids: Vec<String> = (0..shape.items).map(|i| format!("i{i}")).collect();
+    let users = EntityVocab::build(user_ids.iter().map(String::as_str), None, cfg.max_multi);
+    let items = EntityVocab::build(item_ids.iter().map(String::as_str), None, cfg.max_multi);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let seq_len = shape.history + 10;
+    let seqs: Sequences = (0..shape.users)
+        .map(|_| {
+            (0..seq_len)
+                .map(|t| (rng.random_range(1..shape.items as u32 + 1), t as i64, 1.0))
+                .collect()
+        })
+        .collect();
+    let user_vid: Vec<u32> = (1..=shape.users as u32).collect();
+    let mut t = Trainer::new(&cfg, &tcfg, users, items)?;
+    let mut batch = || -> Vec<Example> {
+        (0..shape.batch_size)
+            .map(|_| {
+                (
+                    rng.random_range(0..shape.users as u32),
+                    rng.random_range(shape.history as u32..seq_len as u32),
+                )
+            })
+            .collect()
+    };
+    let batches: Vec<Vec<Example>> = (0..steps + 3).map(|_| batch()).collect();
+    for b in &batches[..3] {
+        t.step(b, &seqs, &user_vid)?;
+    }
+    let started = Instant::now();
+    for b in &batches[3..] {
+        t.step(b, &seqs, &user_vid)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        steps,
+        examples_per_sec: (steps * shape.batch_size) as f64 / secs,
+        ms_per_step: secs * 1000.0 / steps.max(1) as f64,
+    })
+}
