@@ -8,6 +8,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Mutex, RwLock};
 
 use rand::{Rng, SeedableRng};
@@ -143,6 +144,12 @@ struct Builder<'a> {
     vectors: &'a [f32],
     levels: &'a [u8],
     nodes: Vec<Mutex<Node>>,
+    /// Set once a node's lists are complete on every layer. Reverse links make a node reachable
+    /// from its neighbours while its lower layers are still empty; a concurrent insertion that
+    /// descended into it would search layer 0 from a node with no neighbours and come out
+    /// almost disconnected (seen as recall 0.79 on small indexes under load). Searches made while
+    /// building therefore step only onto finished nodes.
+    ready: Vec<AtomicBool>,
     /// (entry point, top level): read at the start of every insertion.
     top: RwLock<(u32, usize)>,
     /// Held for the whole insertion of a node that raises the top level.
@@ -157,12 +164,23 @@ impl Builder<'_> {
     }
 
     fn copy_neighbours(&self, id: u32, layer: usize, buf: &mut Vec<u32>) {
-        let node = self.nodes[id as usize].lock().expect("lock poisoned");
-        if layer == 0 {
-            buf.extend_from_slice(&node.l0);
-        } else if let Some(l) = node.up.get(layer - 1) {
-            buf.extend_from_slice(l);
+        let start = buf.len();
+        {
+            let node = self.nodes[id as usize].lock().expect("lock poisoned");
+            if layer == 0 {
+                buf.extend_from_slice(&node.l0);
+            } else if let Some(l) = node.up.get(layer - 1) {
+                buf.extend_from_slice(l);
+            }
         }
+        let mut keep = start;
+        for i in start..buf.len() {
+            if self.ready[buf[i] as usize].load(AtomicOrdering::Acquire) {
+                buf[keep] = buf[i];
+                keep += 1;
+            }
+        }
+        buf.truncate(keep);
     }
 
     fn search(
@@ -235,6 +253,7 @@ impl Builder<'_> {
             }
             ep = found;
         }
+        self.ready[v as usize].store(true, AtomicOrdering::Release);
         if level > max_level {
             *self.top.write().expect("lock poisoned") = (v, level);
         }
@@ -329,6 +348,7 @@ impl Hnsw {
                     })
                 })
                 .collect(),
+            ready: (0..n).map(|v| AtomicBool::new(v == 0)).collect(),
             top: RwLock::new((0, levels.first().copied().unwrap_or(0) as usize)),
             grow: Mutex::new(()),
             levels: &levels,
