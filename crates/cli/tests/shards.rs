@@ -274,3 +274,41 @@ fn the_orchestrator_merges_shards_of_one_version_through_a_partial_rollout_and_a
         }
     });
 }
+
+/// The rolling upgrade, forced flip, rollback and kill over 2 shards × 2 replicas: the sync
+/// mode never merges shard answers of another version than the embedding's and loses no
+/// request; the merged recall is set beside an unsharded index's; the naive mode mixes.
+#[test]
+fn the_rollout_simulation_over_shards_keeps_every_merged_answer_on_one_version() {
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "sim",
+        "rollout",
+        "--shards",
+        "2",
+        "--replicas",
+        "2",
+        "--requests",
+        "800",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(out["hosts"], 4);
+    assert_eq!(out["shards"], 2);
+    let sync = &out["modes"]["sync"];
+    let naive = &out["modes"]["naive"];
+    assert_eq!(sync["requests"], 800);
+    assert_eq!(sync["errors"], 0, "{sync}");
+    assert_eq!(sync["mismatched"], 0, "{sync}");
+    assert_eq!(sync["forced_flips"], 1, "{sync}");
+    let by = &sync["answers_by_index_version"];
+    assert!(
+        by["v1"].as_u64().unwrap() > 0 && by["v2"].as_u64().unwrap() > 0,
+        "{sync}"
+    );
+    let (merged, whole) = (
+        sync["recall_at_k"].as_f64().unwrap(),
+        sync["unsharded_recall_at_k"].as_f64().unwrap(),
+    );
+    assert!(merged >= 0.9 && merged >= whole - 0.05, "{sync}");
+    assert!(naive["mismatched"].as_u64().unwrap() > 0, "{naive}");
+}

@@ -127,6 +127,7 @@ pub struct ClusterBuilder {
     keep: usize,
     admin_token: String,
     measurement: bool,
+    shards: u32,
     configure: Configure,
 }
 
@@ -140,6 +141,7 @@ impl ClusterBuilder {
             keep: 3,
             admin_token: "admin".into(),
             measurement: false,
+            shards: 1,
             configure: Box::new(|_| {}),
         }
     }
@@ -160,6 +162,13 @@ impl ClusterBuilder {
     /// measurement; `tandem sim` compares it with the handshake).
     pub fn measurement_hosts(mut self, on: bool) -> Self {
         self.measurement = on;
+        self
+    }
+
+    /// Hosts serve shards of sharded versions: host `i` serves shard `i % shards` (so the
+    /// first `shards` hosts hold one replica of each). 1 (the default): whole indexes.
+    pub fn shards(mut self, shards: u32) -> Self {
+        self.shards = shards.max(1);
         self
     }
 
@@ -246,6 +255,7 @@ impl ClusterBuilder {
                 )?),
                 allow_version_mismatch: self.measurement,
                 host_id: format!("local-{index}"),
+                shard: (self.shards > 1).then_some(index as u32 % self.shards),
                 ..AnnConfig::new(self.root.clone(), &self.model)
             }));
         let probe = host.clone();

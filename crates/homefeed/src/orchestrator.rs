@@ -470,8 +470,11 @@ impl Orchestrator {
 
     async fn pick_and_ask(&self, ask: &Ask<'_>) -> Result<Candidates, HomefeedError> {
         let deadline = Instant::now() + self.cfg.deadline;
-        if self.cfg.sync == SyncMode::Sync && self.is_sharded(deadline).await {
-            return self.pick_and_ask_sharded(ask, deadline).await;
+        if self.is_sharded(deadline).await {
+            return match self.cfg.sync {
+                SyncMode::Sync => self.pick_and_ask_sharded(ask, deadline).await,
+                SyncMode::Naive => self.naive_sharded(ask, deadline).await,
+            };
         }
         let mut reasons = Vec::new();
         let mut attempts = 0u32;

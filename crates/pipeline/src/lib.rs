@@ -230,6 +230,17 @@ pub fn build_and_publish_sharded_index(
 /// and the test harness start from. `seed` seeds training only, so two seeds give two distinct
 /// versions over the same catalogue.
 pub fn publish_small_synthetic(root: &Path, name: &str, seed: u64) -> Result<ModelVersion> {
+    publish_small_synthetic_sharded(root, name, seed, 1)
+}
+
+/// [`publish_small_synthetic`] with the catalogue split into `shards` index shards (one
+/// unsharded index when `shards` is 1).
+pub fn publish_small_synthetic_sharded(
+    root: &Path,
+    name: &str,
+    seed: u64,
+    shards: u32,
+) -> Result<ModelVersion> {
     let data = tandem_data::synth::generate(&tandem_data::synth::SynthConfig {
         users: 200,
         items: 300,
@@ -266,12 +277,21 @@ pub fn publish_small_synthetic(root: &Path, name: &str, seed: u64) -> Result<Mod
         model: &mcfg,
         train: &tcfg,
         extra: serde_json::json!({}),
-        index: Some(IndexSpec {
+        index: (shards <= 1).then_some(IndexSpec {
             params: HnswParams::default(),
             recall_queries: 200,
             query_log: &data.events,
         }),
         progress: false,
     })?;
+    if shards > 1 {
+        build_and_publish_sharded_index(
+            root,
+            &t.dir,
+            &HnswParams::default(),
+            |m| history_queries(m, &data.events, 200),
+            shards,
+        )?;
+    }
     Ok(t.version)
 }

@@ -20,8 +20,13 @@ pub struct HomefeedArgs {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// ANN host processes (with `--shards S`, host `i` serves shard `i % S`).
     #[arg(long, default_value_t = 2)]
     pub hosts: usize,
+    /// Split the index into this many shards (1: every host holds the whole index). The
+    /// orchestrator then fans each request out to one replica per shard and merges.
+    #[arg(long, default_value_t = 1)]
+    pub shards: u32,
     #[arg(long, default_value_t = 50)]
     pub k: i32,
     /// Output is always JSON; accepted for symmetry with other commands.
@@ -61,7 +66,13 @@ fn spawn(args: &[String]) -> Result<(Proc, String)> {
 pub fn run(a: HomefeedArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_str().context("temp path")?.to_string();
-    tandem_pipeline::publish_small_synthetic(dir.path(), MODEL, 1)?;
+    let shards = a.shards.max(1);
+    anyhow::ensure!(
+        a.hosts.max(1) >= shards as usize,
+        "--hosts {} cannot hold {shards} shards: give every shard a host",
+        a.hosts
+    );
+    tandem_pipeline::publish_small_synthetic_sharded(dir.path(), MODEL, 1, shards)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let (_ut, ut) = spawn(&s(&[
         "serve",
@@ -78,8 +89,8 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         "100",
     ]))?;
     let mut hosts = Vec::new();
-    for _ in 0..a.hosts.max(1) {
-        hosts.push(spawn(&s(&[
+    for i in 0..a.hosts.max(1) {
+        let mut args = s(&[
             "serve",
             "ann",
             "--artifacts",
@@ -88,7 +99,11 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
             MODEL,
             "--listen",
             "127.0.0.1:0",
-        ]))?);
+        ]);
+        if shards > 1 {
+            args.extend(s(&["--shard", &(i as u32 % shards).to_string()]));
+        }
+        hosts.push(spawn(&args)?);
     }
     let urls: Vec<String> = hosts.iter().map(|h| h.1.clone()).collect();
     let (_hf, hf) = spawn(&s(&[
@@ -157,6 +172,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "bench": "homefeed",
                 "processes": { "user_tower": 1, "ann_hosts": a.hosts, "orchestrator": 1 },
+                "shards": shards,
                 "offered_rps": a.rate,
                 "requests": total,
                 "errors": errors.load(std::sync::atomic::Ordering::SeqCst),

@@ -7,6 +7,10 @@
 //! refuses V (it flipped) or fails is replaced by another replica of that shard on V; a shard
 //! left without one makes the request redo the handshake. All under the request's deadline. No
 //! version with full coverage means a clear error, never a partial or mixed answer.
+//!
+//! The naive mode (a measurement for `tandem sim`, never for production) embeds with the user
+//! tower's newest version and fans out to one live replica per shard whatever it serves; the
+//! answer reports a shard version that differs from the embedding's, if any did.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -90,9 +94,19 @@ fn describe(groups: &BTreeMap<(ModelVersion, u32), Vec<Vec<usize>>>) -> String {
         .join("; ")
 }
 
+/// The shards' answers merged: seen items dropped, best first (ties by id), the top `k`.
+fn merge(mut items: Vec<(String, f32)>, seen: &HashSet<String>, k: i32) -> Vec<(String, f32)> {
+    items.retain(|(id, _)| !seen.contains(id));
+    items.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    items.dedup_by(|a, b| a.0 == b.0);
+    items.truncate(k as usize);
+    items
+}
+
 /// How one shard's search ended.
 enum ShardAnswer {
-    Items(Vec<(String, f32)>),
+    /// The version that answered and its items.
+    Items(ModelVersion, Vec<(String, f32)>),
     /// Every replica of the shard refused or failed: redo the handshake.
     Lost(String),
 }
@@ -178,7 +192,14 @@ impl Orchestrator {
             };
             let want = (ask.k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
             let searches = plan.replicas.iter().map(|replicas| {
-                self.search_shard(replicas, plan.version, &embedded.vector, want, deadline)
+                self.search_shard(
+                    replicas,
+                    plan.version,
+                    false,
+                    &embedded.vector,
+                    want,
+                    deadline,
+                )
             });
             let answers = futures_util::future::join_all(searches).await;
             let mut merged = Vec::new();
@@ -186,7 +207,7 @@ impl Orchestrator {
             let mut lost = None;
             for a in answers {
                 match a {
-                    Ok((ShardAnswer::Items(items), host)) => {
+                    Ok((ShardAnswer::Items(_, items), host)) => {
                         merged.extend(items);
                         hosts.push(host);
                     }
@@ -199,12 +220,8 @@ impl Orchestrator {
                 reasons.push(why);
                 continue;
             }
-            merged.retain(|(id, _)| !seen.contains(id));
-            merged.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            merged.dedup_by(|a, b| a.0 == b.0);
-            merged.truncate(ask.k as usize);
             return Ok(Candidates {
-                items: merged,
+                items: merge(merged, &seen, ask.k),
                 model_name: self.cfg.model.clone(),
                 index_version: plan.version,
                 embedding_version: plan.version,
@@ -217,11 +234,13 @@ impl Orchestrator {
         })
     }
 
-    /// One shard's answer for `version` from the first of `replicas` that gives one.
+    /// One shard's answer for `version` (any version with `allow_mismatch`) from the first of
+    /// `replicas` that gives one.
     async fn search_shard(
         &self,
         replicas: &[usize],
         version: ModelVersion,
+        allow_mismatch: bool,
         vector: &[f32],
         k: i32,
         deadline: Instant,
@@ -232,13 +251,15 @@ impl Orchestrator {
             let hs = Handshake {
                 host,
                 version,
-                allow_mismatch: false,
+                allow_mismatch,
             };
             host.in_flight.fetch_add(1, Ordering::Relaxed);
             let r = self.ask_host(&hs, vector.to_vec(), k, deadline).await;
             host.in_flight.fetch_sub(1, Ordering::Relaxed);
             match r {
-                Ok((_, items)) => return Ok((ShardAnswer::Items(items), host.url().to_string())),
+                Ok((answered, items)) => {
+                    return Ok((ShardAnswer::Items(answered, items), host.url().to_string()))
+                }
                 Err(Searched::Failed(Attempt::Fatal(e))) => return Err(e),
                 Err(Searched::Refused(w) | Searched::Failed(Attempt::NextHost(w))) => {
                     self.metrics.inc(&m::HF_FAILOVERS, &[]);
@@ -247,6 +268,85 @@ impl Orchestrator {
             }
         }
         Ok((ShardAnswer::Lost(why.join("; ")), String::new()))
+    }
+}
+
+impl Orchestrator {
+    /// The naive mode over shards: the newest version's embedding, one live replica per shard
+    /// whatever version it serves, no retry of a mixed answer.
+    pub(super) async fn naive_sharded(
+        &self,
+        ask: &Ask<'_>,
+        deadline: Instant,
+    ) -> Result<Candidates, HomefeedError> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let views = self.views(deadline).await;
+        let shards = views.iter().flatten().map(|v| v.shards).max().unwrap_or(1);
+        let mut replicas: Vec<Vec<usize>> = vec![Vec::new(); shards as usize];
+        for (h, v) in views.iter().enumerate() {
+            if let Some(v) = v.filter(|v| v.shards == shards && v.shard < shards) {
+                replicas[v.shard as usize].push(h);
+            }
+        }
+        if let Some(missing) = replicas.iter().position(Vec::is_empty) {
+            return Err(HomefeedError::NoHostAnswered {
+                reasons: format!("no live replica of shard {missing} of {shards}"),
+            });
+        }
+        for r in &mut replicas {
+            let n = r.len();
+            r.rotate_left(turn % n);
+        }
+        let version = self.newest_version(deadline).await?;
+        let hs = Handshake {
+            host: &self.hosts[replicas[0][0]],
+            version,
+            allow_mismatch: true,
+        };
+        let embedded = match self.embed(hs, ask, deadline).await {
+            Ok(e) => e,
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::NextHost(why)) => {
+                return Err(HomefeedError::NoHostAnswered { reasons: why })
+            }
+        };
+        if let Some(hook) = &self.cfg.between_embed_and_search {
+            hook(self.hosts[replicas[0][0]].url()).await;
+        }
+        let seen: HashSet<String> = if ask.exclude_seen {
+            embedded.history.iter().cloned().collect()
+        } else {
+            HashSet::new()
+        };
+        let want = (ask.k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
+        let searches = replicas
+            .iter()
+            .map(|r| self.search_shard(r, version, true, &embedded.vector, want, deadline));
+        let mut merged = Vec::new();
+        let mut hosts = Vec::new();
+        let mut answered = version;
+        for a in futures_util::future::join_all(searches).await {
+            match a? {
+                (ShardAnswer::Items(v, items), host) => {
+                    if v != version {
+                        answered = v;
+                    }
+                    merged.extend(items);
+                    hosts.push(host);
+                }
+                (ShardAnswer::Lost(why), _) => {
+                    return Err(HomefeedError::NoHostAnswered { reasons: why })
+                }
+            }
+        }
+        Ok(Candidates {
+            items: merge(merged, &seen, ask.k),
+            model_name: self.cfg.model.clone(),
+            index_version: answered,
+            embedding_version: version,
+            host: hosts.join(","),
+            attempts: 1,
+        })
     }
 }
 
