@@ -25,7 +25,7 @@ deploy/build-image.sh
 t_image=$(( $(date +%s) - t0 ))
 say "image built"
 
-compose up -d user-tower-0 user-tower-1 ann-0 ann-1 ann-2 homefeed
+compose up -d user-tower-0 user-tower-1 ann-0 ann-1 ann-2 ann-3 homefeed
 run() { compose run --rm --no-deps -T retrainer "$@"; }
 # Healthy means the orchestrator answers: bootstrap done, user tower and hosts loaded.
 deadline=$(( $(date +%s) + 300 ))
@@ -34,7 +34,7 @@ until first=$(run call homefeed candidates --addr http://homefeed:7301 --user u1
   sleep 2
 done
 t_up=$(( $(date +%s) - t0 - t_image ))
-say "cluster healthy (NATS, bootstrap, 2 user-tower replicas, 3 ANN hosts, homefeed)"
+say "cluster healthy (NATS, bootstrap, 2 user-tower replicas, 2 shards × 2 ANN hosts, homefeed)"
 echo "$first" | grep -q '"model_version": "v1"' || { echo "expected an answer from v1: $first"; exit 1; }
 say "GetCandidates through the orchestrator answered from v1"
 
@@ -70,7 +70,7 @@ progress=$(mktemp)
   compose kill -s SIGKILL user-tower-1 >/dev/null 2>&1 && echo killed > "$progress.killed" ) &
 killer=$!
 record=$(run retrain --once --events nats://nats:4222 --config /etc/tandem/retrain.toml \
-  --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:7101 \
+  --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:7101,http://ann-3:7101 \
   --user-tower http://user-tower-0:7201 --homefeed http://homefeed:7301 --json 2> >(tee "$progress" >&2))
 touch "$traffic.stop"; wait "$driver" "$scraper" "$killer" || true
 [ -f "$progress.killed" ] || { echo "user-tower-1 was never killed during the rollout"; exit 1; }
@@ -79,8 +79,11 @@ say "user-tower-1 SIGKILLed during the rollout"
 echo "$record" | grep -q '"outcome": "deployed"' || { echo "retrain did not deploy: $record"; exit 1; }
 say "retrain cycle deployed v2"
 
-status=$(run status --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:7101 --user-tower http://user-tower-0:7201 --json)
-echo "$status" | tr -d ' \n' | grep -q '"hosts_per_version":{"v2":3}' || { echo "fleet did not converge: $status"; exit 1; }
+status=$(run status --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:7101,http://ann-3:7101 --user-tower http://user-tower-0:7201 --json)
+echo "$status" | tr -d ' \n' | grep -q '"hosts_per_version":{"v2":4}' || { echo "fleet did not converge: $status"; exit 1; }
+echo "$status" | tr -d ' \n' | grep -q '"replicas_per_shard":{"v2":\[2,2\]}' || { echo "expected v2 on 2 shards × 2 replicas: $status"; exit 1; }
+say "v2 serves 2 shards × 2 replicas"
+
 
 answered=$(grep -c model_version "$traffic" || true)
 failed=$(grep -c '^FAILED' "$traffic" || true)
@@ -92,8 +95,8 @@ probes_mixed=$(echo "$record" | tr -d ' \n' | grep -o '"mismatched":[0-9]*' | gr
 rm -f "$traffic" "$traffic.stop"
 scrapes=$(wc -l < "$skew"); skewed=$(grep -c '^2$' "$skew" || true); rm -f "$skew"
 metrics=$(curl -fsS "http://127.0.0.1:$TANDEM_HOMEFEED_METRICS_PORT/metrics")
-echo "$metrics" | grep -q '^tandem_homefeed_hosts_per_version{version="v2"} 3$' || { echo "skew gauge after rollout: $(echo "$metrics" | grep hosts_per_version)"; exit 1; }
-say "metrics: $scrapes scrapes during the rollout, $skewed of them with 2 versions live; after it, 3 hosts on v2"
+echo "$metrics" | grep -q '^tandem_homefeed_hosts_per_version{version="v2"} 4$' || { echo "skew gauge after rollout: $(echo "$metrics" | grep hosts_per_version)"; exit 1; }
+say "metrics: $scrapes scrapes during the rollout, $skewed of them with 2 versions live; after it, 4 hosts on v2"
 [ "$skewed" -gt 0 ] || { echo "the version-skew gauge never showed the partial rollout"; exit 1; }
 say "client answers during the rollout: $answered ($v2 from v2), failed: $failed, mismatched: $mixed; canary probes with mismatches: $probes_mixed"
 [ "$failed" -eq 0 ] || { echo "client requests failed: $first_failure"; exit 1; }

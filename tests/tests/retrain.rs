@@ -41,6 +41,11 @@ fn small() -> (ModelConfig, TrainConfig) {
 /// A cluster whose three hosts serve v1 (trained on the older 70 % of a drifting log), with the
 /// newer 30 % recorded live through the user tower.
 async fn cluster() -> Sandbox {
+    cluster_of(&[1, 1, 1], 1).await
+}
+
+/// [`cluster`] with `hosts` ANN hosts serving v1 split into `shards` (host i: shard i mod S).
+async fn cluster_of(hosts: &[u64], shards: u32) -> Sandbox {
     let d = drift(
         &SynthConfig {
             users: 300,
@@ -55,12 +60,13 @@ async fn cluster() -> Sandbox {
         0.3,
     );
     let seed = d.seed;
-    let sb = SandboxBuilder::new(&[1, 1, 1])
+    let sb = SandboxBuilder::new(hosts)
         .bootstrap(move |root| {
             seed_event_log(root, &seed);
             let (m, t) = small();
-            publish_trained(root, MODEL, ModelVersion(1), &seed, &m, &t);
+            publish_trained(root, MODEL, ModelVersion(1), &seed, (&m, &t), shards);
         })
+        .shards(shards)
         .start()
         .await;
     let (ok, bad) = record(&sb.user_tower.url(), &d.fresh, 500).await;
@@ -208,6 +214,55 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
         .render()
         .contains("tandem_retrain_cycles_total{outcome=\"skipped\"} 1\n"));
     assert_eq!(again.champion, Some(ModelVersion(2)));
+}
+
+/// Over 2 shards × 2 replicas the candidate is published in the champion's layout (2 shards),
+/// the canary is one replica of each shard (so v2 covers every shard from the first phase and
+/// answers), and the rollout never leaves a request without a covering version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_sharded_fleet_the_candidate_keeps_the_layout_and_the_canary_covers_every_shard() {
+    let sb = cluster_of(&[1, 1, 1, 1], 2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (t, tasks) = traffic(&sb, stop.clone());
+    let rec = retrainer(&sb, config(), None).run_cycle().await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(rec.outcome, Outcome::Deployed, "{}", explain(&rec));
+    assert_eq!(host_versions(&sb).await, ["v2", "v2", "v2", "v2"]);
+    let dir = sb.dir.path().join("indexes").join(MODEL).join("v2");
+    let m: tandem_artifact::Manifest<tandem_index::artifact::IndexManifest> =
+        tandem_artifact::open(&dir).unwrap();
+    assert_eq!(m.meta.shard_count(), 2, "the champion's layout");
+    // Canary: hosts 0 and 1 (shards 0 and 1), then the other two.
+    let urls = sb.host_urls();
+    let moved: Vec<&str> = rec.rollout.iter().map(|s| s.host.as_str()).collect();
+    assert_eq!(
+        moved,
+        [&urls[0], &urls[1], &urls[2], &urls[3]],
+        "{}",
+        explain(&rec)
+    );
+    let canary = rec
+        .canary
+        .iter()
+        .find(|c| c.phase == "canary")
+        .expect("a canary phase");
+    assert!(
+        canary
+            .answered_by
+            .get(&ModelVersion(2))
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "the canary took traffic: {}",
+        explain(&rec)
+    );
+    let by = t.by_version.lock().unwrap().clone();
+    assert_eq!(t.failed.load(Ordering::SeqCst), 0, "{by:?}");
+    assert_eq!(t.mismatched.load(Ordering::SeqCst), 0);
+    assert!(by.contains_key("v1") && by.contains_key("v2"), "{by:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,7 @@ impl AnnSearch for AnnGrpc {
                 k: r.k,
                 ef: r.ef,
                 allow_version_mismatch: r.allow_version_mismatch,
+                exclude_item_ids: r.exclude_item_ids,
             })
             .instrument(span.clone())
             .await?;

@@ -134,6 +134,9 @@ pub struct Metadata {
     pub shard_count: u32,
 }
 
+/// The most ids one search may exclude (a long engagement history).
+pub const MAX_EXCLUDE: usize = 10_000;
+
 pub struct SearchRequest {
     /// Empty: this host's model.
     pub model_name: String,
@@ -144,6 +147,9 @@ pub struct SearchRequest {
     pub ef: Option<u32>,
     /// Measurement only: answer from the loaded version even if the request states another.
     pub allow_version_mismatch: bool,
+    /// Items left out of the answer, skipped inside the graph walk (ids this host does not
+    /// hold are ignored: they may live on another shard).
+    pub exclude_item_ids: Vec<String>,
 }
 
 pub struct SearchResult {
@@ -449,6 +455,12 @@ impl AnnHost {
                 )));
             }
         }
+        if req.exclude_item_ids.len() > MAX_EXCLUDE {
+            return Err(AnnError::InvalidArgument(format!(
+                "exclude_item_ids may hold at most {MAX_EXCLUDE} ids, got {}",
+                req.exclude_item_ids.len()
+            )));
+        }
         let k = req.k as usize;
         let ef = req
             .ef
@@ -456,9 +468,23 @@ impl AnnHost {
             .unwrap_or_else(|| serving.index.index.default_ef());
         let s = serving.clone();
         // Graph search is CPU work: keep it off the async workers.
-        let hits = tokio::task::spawn_blocking(move || s.index.index.search(&req.embedding, k, ef))
-            .await
-            .map_err(|e| AnnError::Internal(e.to_string()))?;
+        let hits = tokio::task::spawn_blocking(move || {
+            let index = &s.index;
+            if req.exclude_item_ids.is_empty() {
+                return index.index.search(&req.embedding, k, ef);
+            }
+            let mut skip: Vec<u32> = req
+                .exclude_item_ids
+                .iter()
+                .filter_map(|id| index.row_of(id))
+                .collect();
+            skip.sort_unstable();
+            index
+                .index
+                .search_filtered(&req.embedding, k, ef, &|r| skip.binary_search(&r).is_ok())
+        })
+        .await
+        .map_err(|e| AnnError::Internal(e.to_string()))?;
         Ok(SearchResult {
             // A score is never non-finite on the wire (the loader refuses non-finite vectors;
             // this keeps the promise whatever an engine returns).

@@ -9,7 +9,7 @@
 pub mod grpc;
 pub mod host;
 
-pub use host::{AnnConfig, AnnError, AnnHost};
+pub use host::{AnnConfig, AnnError, AnnHost, MAX_EXCLUDE};
 
 use std::future::Future;
 use std::sync::Arc;

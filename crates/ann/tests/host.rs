@@ -126,6 +126,7 @@ fn query(version: &str) -> pb::SearchRequest {
         k: 10,
         ef: None,
         allow_version_mismatch: false,
+        exclude_item_ids: Vec::new(),
     }
 }
 
@@ -470,4 +471,56 @@ async fn the_measurement_only_mismatch_flag_answers_and_names_the_real_version()
         .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     let res = h.client.search(as_admin).await.unwrap().into_inner();
     assert_eq!((res.model_version.as_str(), res.items.len()), ("v1", 10));
+}
+
+/// `exclude_item_ids`: the excluded items are skipped inside the graph walk, the answer still
+/// holds k items and keeps the rest of the unfiltered answer; unknown ids are ignored (they
+/// may live on another shard); more than the limit is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_items_are_left_out_and_the_answer_still_holds_k() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let ids = |r: &pb::SearchResponse| -> Vec<String> {
+        r.items.iter().map(|i| i.item_id.clone()).collect()
+    };
+    let plain = ids(&h.client.search(query("v1")).await.unwrap().into_inner());
+    assert_eq!(plain.len(), 10);
+    let mut exclude: Vec<String> = plain[..4].to_vec();
+    exclude.push("no-such-item".into());
+    let filtered = h
+        .client
+        .search(pb::SearchRequest {
+            exclude_item_ids: exclude.clone(),
+            ..query("v1")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = ids(&filtered);
+    assert_eq!(got.len(), 10, "{got:?}");
+    assert!(got.iter().all(|i| !exclude.contains(i)), "{got:?}");
+    let kept = plain[4..].iter().filter(|i| got.contains(i)).count();
+    assert!(
+        kept >= 5,
+        "the rest of the unfiltered answer: {got:?} vs {plain:?}"
+    );
+
+    let err = h
+        .client
+        .search(pb::SearchRequest {
+            exclude_item_ids: (0..=tandem_ann::MAX_EXCLUDE)
+                .map(|i| i.to_string())
+                .collect(),
+            ..query("v1")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("exclude_item_ids"),
+        "{}",
+        err.message()
+    );
 }

@@ -173,6 +173,29 @@ fn kubernetes_manifests_parse_and_name_only_real_flags_and_consistent_ports() {
         referenced.is_subset(&listening),
         "{referenced:?} vs {listening:?}"
     );
+    // One ANN StatefulSet per shard, at least 2 replicas each, and the orchestrator and the
+    // retrainer list every one of their pods.
+    let ann = docs(&dir.join("ann.yaml"));
+    let mut pods = Vec::new();
+    let mut shards = BTreeSet::new();
+    for d in ann.iter().filter(|d| d["kind"] == "StatefulSet") {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let mut lists = Vec::new();
+        arg_lists(d, &mut lists);
+        let args = &lists[0];
+        let at = args.iter().position(|a| a == "--shard").expect("--shard");
+        shards.insert(args[at + 1].clone());
+        let replicas = d["spec"]["replicas"].as_u64().unwrap();
+        assert!(replicas >= 2, "{name}: {replicas} replicas");
+        pods.extend((0..replicas).map(|r| format!("http://{name}-{r}.{name}:7101")));
+    }
+    assert_eq!(shards, BTreeSet::from(["0".to_string(), "1".to_string()]));
+    for f in ["homefeed.yaml", "retrain.yaml"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        for pod in &pods {
+            assert!(text.contains(pod.as_str()), "{f} does not list {pod}");
+        }
+    }
 }
 
 #[test]
@@ -187,11 +210,28 @@ fn the_compose_file_parses_and_names_only_real_flags() {
         "ann-0",
         "ann-1",
         "ann-2",
+        "ann-3",
         "homefeed",
         "retrainer",
     ] {
         assert!(services.contains_key(name), "compose has no {name}");
     }
+    // 2 shards × 2 replicas: host i serves shard i mod 2, and the bootstrap splits v1 in 2.
+    for i in 0..4 {
+        let env = &services[format!("ann-{i}").as_str()]["environment"];
+        assert_eq!(
+            env["TANDEM_SHARD"].as_str(),
+            Some((i % 2).to_string().as_str()),
+            "ann-{i}: {env:?}"
+        );
+    }
+    let boot: Vec<&str> = services["bootstrap"]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(boot.windows(2).any(|w| w == ["--shards", "2"]), "{boot:?}");
     let mut lists = Vec::new();
     arg_lists(doc, &mut lists);
     for args in lists

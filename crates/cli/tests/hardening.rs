@@ -595,6 +595,7 @@ fn version_mismatch_needs_the_measurement_flag() {
         k: 5,
         ef: None,
         allow_version_mismatch: true,
+        exclude: Vec::new(),
     };
     rt().block_on(async {
         let c = AnnClient::connect(&strict, &ClientOptions::default())
@@ -777,6 +778,7 @@ fn out_of_bounds_and_undecodable_requests_are_invalid_arguments() {
             k: 5,
             ef,
             allow_version_mismatch: false,
+            exclude: Vec::new(),
         };
         let a = ann.search(q(Some(64), "tandem"), None).await.unwrap();
         assert!(a.items.iter().all(|(_, s)| s.is_finite()));

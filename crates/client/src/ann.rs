@@ -50,6 +50,8 @@ pub struct SearchQuery {
     pub ef: Option<u32>,
     /// Measurement only (the orchestrator's naive mode): answer from whatever is loaded.
     pub allow_version_mismatch: bool,
+    /// Items to leave out (skipped inside the host's graph walk; the answer keeps k items).
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +146,7 @@ impl AnnClient {
                 k: q.k,
                 ef: q.ef,
                 allow_version_mismatch: q.allow_version_mismatch,
+                exclude_item_ids: q.exclude,
             },
             timeout,
         );

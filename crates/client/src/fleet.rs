@@ -322,8 +322,17 @@ impl FleetAdmin {
             }
             Err(e) => return (steps, Err(e)),
         }
-        let status = self.status_of(hosts).await;
-        let hosts = match plan_rollout(&status, to) {
+        // Coverage is judged over the whole fleet: a canary phase moves a few hosts while the
+        // others keep serving.
+        let mut urls = self.host_urls();
+        let extra: Vec<String> = hosts
+            .iter()
+            .filter(|h| !urls.contains(h))
+            .cloned()
+            .collect();
+        urls.extend(extra);
+        let status = self.status_of(&urls).await;
+        let hosts = match plan_rollout(&status, hosts, to) {
             Ok(order) => order,
             Err(e) => return (steps, Err(e)),
         };
@@ -505,27 +514,24 @@ impl FleetAdmin {
     }
 }
 
-/// The order to move `hosts` to `to` in. An unsharded fleet keeps the order given. A sharded
-/// one is moved shard by shard in turns (the first replica of each shard, then the second, …),
-/// and the plan is refused unless, before and after every step, some version has a live replica
-/// on every shard, so the orchestrator always has a version to answer from.
-pub fn plan_rollout(hosts: &[HostStatus], to: ModelVersion) -> Result<Vec<String>> {
-    if hosts.iter().all(|h| h.shard_count <= 1) {
-        return Ok(hosts.iter().map(|h| h.host.clone()).collect());
+/// The order to move `moving` (hosts of `fleet`) to `to` in. An unsharded fleet keeps the
+/// order given. A sharded one is moved shard by shard in turns (the first replica of each
+/// shard, then the second, …), and the plan is refused unless, before and after every step,
+/// some version has a live replica on every shard of the whole fleet, so the orchestrator
+/// always has a version to answer from.
+pub fn plan_rollout(
+    fleet: &[HostStatus],
+    moving: &[String],
+    to: ModelVersion,
+) -> Result<Vec<String>> {
+    if fleet.iter().all(|h| h.shard_count <= 1) {
+        return Ok(moving.to_vec());
     }
-    let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, h) in hosts.iter().enumerate() {
-        by_shard.entry(h.shard).or_default().push(i);
-    }
-    let mut order = Vec::with_capacity(hosts.len());
-    for turn in 0.. {
-        let before = order.len();
-        order.extend(by_shard.values().filter_map(|r| r.get(turn).copied()));
-        if order.len() == before {
-            break;
-        }
-    }
-    let mut state: Vec<HostStatus> = hosts.to_vec();
+    let order: Vec<usize> = shard_turns(fleet)
+        .into_iter()
+        .filter(|&i| moving.contains(&fleet[i].host))
+        .collect();
+    let mut state: Vec<HostStatus> = fleet.to_vec();
     let covered = |state: &[HostStatus]| {
         FleetAdmin::replicas_per_shard(state)
             .values()
@@ -545,13 +551,53 @@ pub fn plan_rollout(hosts: &[HostStatus], to: ModelVersion) -> Result<Vec<String
         if !covered(&state) {
             return Err(FleetError::Coverage(format!(
                 "moving {} (shard {}) to {to} would leave no version with a replica on every shard ({}); add a replica to that shard first",
-                hosts[i].host,
-                hosts[i].shard,
+                fleet[i].host,
+                fleet[i].shard,
                 describe_coverage(&state)
             )));
         }
     }
-    Ok(order.into_iter().map(|i| hosts[i].host.clone()).collect())
+    Ok(order.into_iter().map(|i| fleet[i].host.clone()).collect())
+}
+
+/// Hosts in shard turns: the first replica of each shard, then the second, … (fleet order
+/// within a shard).
+fn shard_turns(fleet: &[HostStatus]) -> Vec<usize> {
+    let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, h) in fleet.iter().enumerate() {
+        by_shard.entry(h.shard).or_default().push(i);
+    }
+    let mut order = Vec::with_capacity(fleet.len());
+    for turn in 0.. {
+        let before = order.len();
+        order.extend(by_shard.values().filter_map(|r| r.get(turn).copied()));
+        if order.len() == before {
+            break;
+        }
+    }
+    order
+}
+
+/// The canary of a rollout: the first `replicas` hosts of an unsharded fleet, or the first
+/// `replicas` replicas of every shard of a sharded one (so the new version covers every shard
+/// and can answer).
+pub fn canary_hosts(fleet: &[HostStatus], replicas: usize) -> Vec<String> {
+    if fleet.iter().all(|h| h.shard_count <= 1) {
+        return fleet
+            .iter()
+            .take(replicas)
+            .map(|h| h.host.clone())
+            .collect();
+    }
+    let shards = fleet
+        .iter()
+        .map(|h| h.shard)
+        .collect::<std::collections::BTreeSet<_>>();
+    shard_turns(fleet)
+        .into_iter()
+        .take(replicas * shards.len())
+        .map(|i| fleet[i].host.clone())
+        .collect()
 }
 
 fn describe_coverage(state: &[HostStatus]) -> String {
@@ -588,15 +634,29 @@ mod rollout_plan_tests {
             host("a1", 1, 1),
             host("b1", 1, 1),
         ];
-        let order = plan_rollout(&fleet, ModelVersion(2)).unwrap();
+        let all: Vec<String> = fleet.iter().map(|h| h.host.clone()).collect();
+        let order = plan_rollout(&fleet, &all, ModelVersion(2)).unwrap();
         assert_eq!(order, vec!["a0", "a1", "b0", "b1"]);
+        // A canary phase: one replica per shard moves, judged against the whole fleet.
+        let canary = canary_hosts(&fleet, 1);
+        assert_eq!(canary, vec!["a0", "a1"]);
+        assert_eq!(
+            plan_rollout(&fleet, &canary, ModelVersion(2)).unwrap(),
+            vec!["a0", "a1"]
+        );
+        // Alone, one host of shard 0 could not be judged: the rest of the fleet keeps shard 1.
+        assert_eq!(
+            plan_rollout(&fleet, &["b0".to_string()], ModelVersion(2)).unwrap(),
+            vec!["b0"]
+        );
     }
 
     #[test]
     fn a_plan_that_would_break_coverage_is_refused() {
         // One replica per shard: after the first move neither version covers both shards.
         let fleet = [host("a0", 1, 0), host("a1", 1, 1)];
-        let e = plan_rollout(&fleet, ModelVersion(2))
+        let all = ["a0".to_string(), "a1".to_string()];
+        let e = plan_rollout(&fleet, &all, ModelVersion(2))
             .unwrap_err()
             .to_string();
         assert!(
@@ -606,7 +666,7 @@ mod rollout_plan_tests {
         // A fleet already without coverage is refused before anything moves.
         let mut down = host("b1", 1, 1);
         down.up = false;
-        let e = plan_rollout(&[host("a0", 1, 0), down], ModelVersion(2))
+        let e = plan_rollout(&[host("a0", 1, 0), down], &all, ModelVersion(2))
             .unwrap_err()
             .to_string();
         assert!(
@@ -621,9 +681,11 @@ mod rollout_plan_tests {
         a.shard_count = 1;
         let mut b = host("y", 1, 0);
         b.shard_count = 1;
+        let moving = ["y".to_string(), "x".to_string()];
         assert_eq!(
-            plan_rollout(&[b, a], ModelVersion(2)).unwrap(),
+            plan_rollout(&[b, a], &moving, ModelVersion(2)).unwrap(),
             vec!["y", "x"]
         );
+        assert_eq!(canary_hosts(&[host("p", 1, 0)], 1).len(), 1);
     }
 }

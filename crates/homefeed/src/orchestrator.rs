@@ -1,6 +1,5 @@
 //! The per-request protocol (see the crate docs).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -598,18 +597,13 @@ impl Orchestrator {
             vector,
             history,
         } = e;
-        let seen: HashSet<String> = if exclude_seen {
-            history.into_iter().collect()
-        } else {
-            HashSet::new()
+        // The host skips the seen items inside its graph walk and still answers k.
+        let probe = Probe {
+            vector,
+            k,
+            exclude: if exclude_seen { history } else { Vec::new() },
         };
-        let ask = (k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
-        let (version, found) = self.ask_host(&hs, vector, ask, deadline).await?;
-        let items: Vec<(String, f32)> = found
-            .into_iter()
-            .filter(|(id, _)| !seen.contains(id))
-            .take(k as usize)
-            .collect();
+        let (version, items) = self.ask_host(&hs, probe, deadline).await?;
         Ok(Candidates {
             items,
             model_name: self.cfg.model.clone(),
@@ -627,8 +621,7 @@ impl Orchestrator {
     async fn ask_host(
         &self,
         hs: &Handshake<'_>,
-        embedding: Vec<f32>,
-        k: i32,
+        probe: Probe,
         deadline: Instant,
     ) -> Result<(ModelVersion, Vec<(String, f32)>), Searched> {
         let timeout = self
@@ -637,10 +630,11 @@ impl Orchestrator {
         let query = SearchQuery {
             model_name: self.cfg.model.clone(),
             version: hs.version,
-            embedding,
-            k,
+            embedding: probe.vector,
+            k: probe.k,
             ef: None,
             allow_version_mismatch: hs.allow_mismatch,
+            exclude: probe.exclude,
         };
         let r = match hs.host.client.search(query, Some(timeout)).await {
             Ok(r) => r,
@@ -704,6 +698,14 @@ impl Orchestrator {
         }
         Err(Attempt::NextHost("retry budget spent".into()))
     }
+}
+
+/// What one Search asks of a host: the embedding, k, and the items to leave out.
+#[derive(Clone)]
+struct Probe {
+    vector: Vec<f32>,
+    k: i32,
+    exclude: Vec<String>,
 }
 
 enum Attempt {

@@ -87,19 +87,26 @@ thread_local! {
 /// Best-first search of one layer from `entry`, keeping the `ef` nearest found. Neighbour lists
 /// are read through `neighbours(id, buf)`, so the same code runs on the finished lock-free layout
 /// and on the per-node locks of a parallel build.
+///
+/// Rows for which `skip` holds still guide the walk (they are expanded like any other) but
+/// never enter the results, so an exclusion list costs no recall and the answer keeps `ef`
+/// rows whenever the graph reaches that many others.
 fn search_layer(
     entry: &[Cand],
     ef: usize,
     visited: &mut Visited,
     dist: impl Fn(u32) -> f32,
     mut neighbours: impl FnMut(u32, &mut Vec<u32>),
+    skip: impl Fn(u32) -> bool,
 ) -> Vec<Cand> {
     let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
     let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
     for &e in entry {
         if visited.insert(e.id) {
             candidates.push(Reverse(e));
-            results.push(e);
+            if !skip(e.id) {
+                results.push(e);
+            }
         }
     }
     let mut buf = Vec::with_capacity(64);
@@ -118,9 +125,11 @@ fn search_layer(
             if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |r| r.d) {
                 let cand = Cand { d, id: nb };
                 candidates.push(Reverse(cand));
-                results.push(cand);
-                if results.len() > ef {
-                    results.pop();
+                if !skip(nb) {
+                    results.push(cand);
+                    if results.len() > ef {
+                        results.pop();
+                    }
                 }
             }
         }
@@ -198,6 +207,7 @@ impl Builder<'_> {
             visited,
             |id| -(self.dot)(q, self.vec(id)),
             |id, buf| self.copy_neighbours(id, layer, buf),
+            |_| false,
         )
     }
 
@@ -414,6 +424,7 @@ impl Hnsw {
         ef: usize,
         layer: usize,
         visited: &mut Visited,
+        skip: impl Fn(u32) -> bool,
     ) -> Vec<Cand> {
         search_layer(
             entry,
@@ -421,6 +432,7 @@ impl Hnsw {
             visited,
             |id| -(self.dot)(q, self.vec(id)),
             |id, buf| buf.extend_from_slice(self.neighbours(id, layer)),
+            skip,
         )
     }
 
@@ -658,6 +670,16 @@ impl AnnIndex for Hnsw {
     }
 
     fn search(&self, q: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)> {
+        self.search_filtered(q, k, ef, &|_| false)
+    }
+
+    fn search_filtered(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        skip: &dyn Fn(u32) -> bool,
+    ) -> Vec<(u32, f32)> {
         let n = self.levels.len();
         if n == 0 || k == 0 {
             return Vec::new();
@@ -671,11 +693,11 @@ impl AnnIndex for Hnsw {
             }];
             for layer in (1..=self.max_level).rev() {
                 visited.reset(n);
-                ep = self.search_layer(q, &ep, 1, layer, &mut visited);
+                ep = self.search_layer(q, &ep, 1, layer, &mut visited, |_| false);
                 ep.truncate(1);
             }
             visited.reset(n);
-            let found = self.search_layer(q, &ep, ef, 0, &mut visited);
+            let found = self.search_layer(q, &ep, ef, 0, &mut visited, skip);
             found.into_iter().take(k).map(|c| (c.id, -c.d)).collect()
         })
     }

@@ -42,6 +42,36 @@ pub trait AnnIndex: Send + Sync {
     fn default_ef(&self) -> usize;
     /// The `k` best rows by inner product, best first, as `(row, score)`.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
+    /// [`search`](Self::search) leaving out the rows for which `skip` holds, still answering
+    /// `k` rows when the index holds that many others. The default asks the engine for more
+    /// and more rows until enough survive; Tandem's HNSW skips inside the graph walk instead.
+    fn search_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        skip: &dyn Fn(u32) -> bool,
+    ) -> Vec<(u32, f32)> {
+        let mut fetch = k.saturating_mul(2).max(k + 16);
+        loop {
+            let found = self.search(query, fetch, ef.max(fetch));
+            let exhausted = found.len() < fetch || fetch >= self.len();
+            let kept: Vec<(u32, f32)> = found.into_iter().filter(|(r, _)| !skip(*r)).collect();
+            if kept.len() >= k || exhausted {
+                return kept.into_iter().take(k).collect();
+            }
+            fetch = fetch.saturating_mul(2).min(self.len());
+        }
+    }
+    /// Several queries (`queries` is `n × dim`, row-major) in one call, spread over the
+    /// rayon pool: one answer per query, in order.
+    fn search_batch(&self, queries: &[f32], k: usize, ef: usize) -> Vec<Vec<(u32, f32)>> {
+        use rayon::prelude::*;
+        queries
+            .par_chunks(self.dim().max(1))
+            .map(|q| self.search(q, k, ef))
+            .collect()
+    }
     fn to_bytes(&self) -> Vec<u8>;
 }
 
@@ -164,14 +194,12 @@ pub fn recall_at_k(
     k: usize,
     ef: usize,
 ) -> f64 {
-    use rayon::prelude::*;
-    let dim = index.dim();
-    let total: f64 = queries
-        .par_chunks(dim)
-        .zip(truth.par_iter())
-        .map(|(q, t)| {
-            let found: std::collections::HashSet<u32> =
-                index.search(q, k, ef).into_iter().map(|(i, _)| i).collect();
+    let total: f64 = index
+        .search_batch(queries, k, ef)
+        .into_iter()
+        .zip(truth)
+        .map(|(found, t)| {
+            let found: std::collections::HashSet<u32> = found.into_iter().map(|(i, _)| i).collect();
             t.iter().take(k).filter(|i| found.contains(i)).count() as f64
                 / t.len().min(k).max(1) as f64
         })
@@ -372,6 +400,55 @@ mod tests {
             let (id, score) = index.search(&data[i * dim..(i + 1) * dim], 1, 32)[0];
             assert_eq!(id as usize, i);
             assert!((score - 1.0).abs() < 1e-5);
+        }
+    }
+
+    /// Exclusion inside the search: each query leaves out its own exact top 20 and every third
+    /// row; both engines still answer k rows, none excluded, and find the exact top k of what
+    /// is left. A batch answers exactly what single searches do.
+    #[test]
+    fn excluded_rows_are_skipped_inside_the_search_and_batches_match_single_queries() {
+        let (n, dim, k) = (4_000, 16, 10);
+        let data = synthetic_vectors(n, dim, 20, 0.6, 31);
+        let queries = synthetic_vectors(100, dim, 20, 0.6, 32);
+        let exact = Exact {
+            dim,
+            vectors: data.clone(),
+        };
+        for engine in [Engine::Tandem, Engine::InstantDistance] {
+            let params = HnswParams {
+                engine,
+                ef_construction: 100,
+                ..Default::default()
+            };
+            let index = build(data.clone(), dim, &params).unwrap();
+            let mut hits = 0usize;
+            for q in queries.chunks(dim) {
+                let ranked = exact.top_k(q, n);
+                let own: std::collections::HashSet<u32> =
+                    ranked.iter().take(20).map(|(r, _)| *r).collect();
+                let skip = |r: u32| r.is_multiple_of(3) || own.contains(&r);
+                let found = index.search_filtered(q, k, 64, &skip);
+                assert_eq!(found.len(), k, "{engine:?}");
+                assert!(found.iter().all(|(r, _)| !skip(*r)), "{engine:?}");
+                let want: std::collections::HashSet<u32> = ranked
+                    .iter()
+                    .map(|(r, _)| *r)
+                    .filter(|r| !skip(*r))
+                    .take(k)
+                    .collect();
+                hits += found.iter().filter(|(r, _)| want.contains(r)).count();
+            }
+            let recall = hits as f64 / (k * 100) as f64;
+            assert!(
+                recall >= 0.9,
+                "{engine:?}: recall of the filtered search {recall:.4}"
+            );
+            let batch = index.search_batch(&queries, k, 64);
+            assert_eq!(batch.len(), 100);
+            for (q, b) in queries.chunks(dim).zip(&batch) {
+                assert_eq!(b, &index.search(q, k, 64), "{engine:?}");
+            }
         }
     }
 

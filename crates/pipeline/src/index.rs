@@ -154,6 +154,8 @@ pub struct BuiltShards {
     pub recall_queries: usize,
     pub recall_query_source: String,
     pub params: HnswParams,
+    /// |‖e‖ − 1| over the catalogue (NaN if not finite).
+    pub item_norm_error: f64,
 }
 
 /// Builds `shards` indexes over the catalogue split by [`shard_of`], and measures the merged
@@ -168,6 +170,7 @@ pub fn build_sharded_index(
     if items.is_empty() {
         return Err(PipelineError::NoItems);
     }
+    let item_norm_error = max_norm_error(&vectors, dim);
     let t = Instant::now();
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); shards as usize];
     for (r, id) in items.iter().enumerate() {
@@ -221,7 +224,67 @@ pub fn build_sharded_index(
         recall_queries: truth.len(),
         recall_query_source: source,
         params: params.clone(),
+        item_norm_error,
     })
+}
+
+/// A version's index, whole or split into shards.
+pub enum Built {
+    Whole(BuiltIndex),
+    Sharded(BuiltShards),
+}
+
+impl Built {
+    /// Builds one index (`shards` ≤ 1) or `shards` of them over the catalogue of `model`.
+    pub fn build(
+        model: &TwoTower,
+        params: &HnswParams,
+        queries: (Vec<f32>, String),
+        shards: u32,
+    ) -> Result<Built> {
+        Ok(if shards <= 1 {
+            Built::Whole(build_index(model, params, queries)?)
+        } else {
+            Built::Sharded(build_sharded_index(model, params, queries, shards)?)
+        })
+    }
+
+    /// Recall@10 against exact search over the whole catalogue (of the merged answer when
+    /// sharded).
+    pub fn ann_recall_at_10(&self) -> f64 {
+        match self {
+            Built::Whole(b) => b.ann_recall_at_10,
+            Built::Sharded(b) => b.ann_recall_at_10,
+        }
+    }
+
+    pub fn item_norm_error(&self) -> f64 {
+        match self {
+            Built::Whole(b) => b.item_norm_error,
+            Built::Sharded(b) => b.item_norm_error,
+        }
+    }
+
+    /// Shards published (1 for a whole index).
+    pub fn shards(&self) -> usize {
+        match self {
+            Built::Whole(_) => 1,
+            Built::Sharded(b) => b.parts.len(),
+        }
+    }
+
+    pub fn publish(
+        &self,
+        root: &Path,
+        name: &str,
+        version: ModelVersion,
+        feature_schema_hash: &str,
+    ) -> Result<(Published, IndexManifest)> {
+        match self {
+            Built::Whole(b) => b.publish(root, name, version, feature_schema_hash),
+            Built::Sharded(b) => b.publish(root, name, version, feature_schema_hash),
+        }
+    }
 }
 
 /// The manifest fields every index version shares; `hash` identifies its content.

@@ -14,7 +14,7 @@ pub mod tune;
 
 pub use index::{
     build_index, build_sharded_index, history_queries, item_vectors, max_norm_error,
-    profile_queries, BuiltIndex, BuiltShards,
+    profile_queries, Built, BuiltIndex, BuiltShards,
 };
 
 use std::path::{Path, PathBuf};
@@ -90,15 +90,15 @@ pub fn next_version(root: &Path, name: &str) -> Result<ModelVersion> {
     Ok(ModelVersion(newest + 1))
 }
 
-/// Publishes `built` (the index of `model`) and then `model` as one version (the next free one
-/// when `version` is `None`).
+/// Publishes `built` (the index of `model`, whole or sharded) and then `model` as one version
+/// (the next free one when `version` is `None`).
 pub fn publish_together(
     root: &Path,
     name: &str,
     version: Option<ModelVersion>,
     model: &TwoTower,
     manifest: &ModelManifest,
-    built: &BuiltIndex,
+    built: &Built,
 ) -> Result<ModelVersion> {
     let version = match version {
         Some(v) => v,
@@ -115,6 +115,8 @@ pub struct IndexSpec<'a> {
     /// Recall queries: the histories of up to this many users in `query_log`.
     pub recall_queries: usize,
     pub query_log: &'a EventLog,
+    /// Split the index into this many shards (1: whole).
+    pub shards: u32,
 }
 
 /// A trained, published version.
@@ -125,7 +127,7 @@ pub struct Trained {
     /// The model version directory.
     pub dir: PathBuf,
     pub manifest: ModelManifest,
-    pub index: Option<BuiltIndex>,
+    pub index: Option<Built>,
 }
 
 /// One training run to publish.
@@ -160,7 +162,7 @@ pub fn train_and_publish(job: TrainJob) -> Result<Trained> {
     let (version, built) = match job.index {
         Some(spec) => {
             let queries = history_queries(&model, spec.query_log, spec.recall_queries)?;
-            let built = build_index(&model, &spec.params, queries)?;
+            let built = Built::build(&model, &spec.params, queries, spec.shards)?;
             let v = publish_together(job.root, job.name, job.version, &model, &manifest, &built)?;
             (v, Some(built))
         }
@@ -277,21 +279,13 @@ pub fn publish_small_synthetic_sharded(
         model: &mcfg,
         train: &tcfg,
         extra: serde_json::json!({}),
-        index: (shards <= 1).then_some(IndexSpec {
+        index: Some(IndexSpec {
             params: HnswParams::default(),
             recall_queries: 200,
             query_log: &data.events,
+            shards,
         }),
         progress: false,
     })?;
-    if shards > 1 {
-        build_and_publish_sharded_index(
-            root,
-            &t.dir,
-            &HnswParams::default(),
-            |m| history_queries(m, &data.events, 200),
-            shards,
-        )?;
-    }
     Ok(t.version)
 }

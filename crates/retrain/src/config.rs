@@ -22,6 +22,9 @@
 //! max_error_rate = 0.01
 //! min_hit_ratio = 0.8      # live hit rate ≥ ratio × the champion's, measured just before
 //!
+//! [index]
+//! shards = 2               # split the candidate's index; default: the champion's layout
+//!
 //! [rollout]
 //! pause_ms = 0
 //! host_timeout_s = 120
@@ -52,6 +55,7 @@ pub struct RetrainConfig {
     pub gate: GateConfig,
     pub canary: CanaryConfig,
     pub rollout: RolloutConfig,
+    pub index: IndexConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
 }
@@ -128,6 +132,16 @@ impl Default for CanaryConfig {
             interval_ms: 250,
         }
     }
+}
+
+/// How the candidate's index is laid out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Shards to split the index into (1: whole). Unset: the champion's layout, so a sharded
+    /// fleet gets a sharded candidate (a whole index without a champion).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_client::{ClientOptions, FleetAdmin};
+use tandem_client::fleet::canary_hosts;
+use tandem_client::{ClientOptions, FleetAdmin, HostStatus};
 use tandem_data::{EventColumns, EventLog};
 use tandem_pipeline::publish_together;
 use tandem_registry::Registry;
@@ -396,7 +397,8 @@ impl Retrainer {
             None => None,
         };
         let hosts = fleet.host_urls();
-        for (phase, hosts) in self.phases(&hosts) {
+        let phases = self.phases(&hosts, &fleet.hosts().await);
+        for (phase, hosts) in &phases {
             if let Err(why) = self
                 .roll_phase(
                     rec,
@@ -414,7 +416,7 @@ impl Retrainer {
             }
         }
         self.retain();
-        let canary_note = match (probe, self.phases(&hosts).len()) {
+        let canary_note = match (probe, phases.len()) {
             (None, _) => "no canary (no homefeed to probe)",
             (Some(_), 1) => "watch held (no separate canary phase: the canary covers every host)",
             (Some(_), _) => "canary held",
@@ -425,22 +427,25 @@ impl Retrainer {
         ))
     }
 
-    /// The rollout phases: `canary` (the first `[canary] hosts`) and `fleet` (the rest), or
-    /// one `fleet` phase when the canary would cover every host.
-    fn phases<'h>(&self, hosts: &'h [String]) -> Vec<(&'static str, &'h [String])> {
+    /// The rollout phases: `canary` (the first `[canary] hosts`; over a sharded fleet that many
+    /// replicas of every shard, so the new version covers every shard and answers) and `fleet`
+    /// (the rest), or one `fleet` phase when the canary would cover every host.
+    fn phases(&self, hosts: &[String], status: &[HostStatus]) -> Vec<(&'static str, Vec<String>)> {
         let c = self.cfg.canary.hosts;
-        let n_canary = if c == 0 {
-            hosts.len()
+        let canary = if c == 0 {
+            hosts.to_vec()
         } else {
-            c.min(hosts.len())
+            canary_hosts(status, c)
         };
-        if n_canary < hosts.len() {
-            vec![
-                ("canary", &hosts[..n_canary]),
-                ("fleet", &hosts[n_canary..]),
-            ]
+        let rest: Vec<String> = hosts
+            .iter()
+            .filter(|h| !canary.contains(h))
+            .cloned()
+            .collect();
+        if canary.is_empty() || rest.is_empty() {
+            vec![("fleet", hosts.to_vec())]
         } else {
-            vec![("fleet", hosts)]
+            vec![("canary", canary), ("fleet", rest)]
         }
     }
 

@@ -10,8 +10,8 @@ use tandem_index::HnswParams;
 use tandem_model::eval::{metrics, EvalSet, ModelRanker, Recommender};
 use tandem_model::train::{train, TrainInput};
 use tandem_model::TwoTower;
-use tandem_pipeline::{build_index, history_queries, max_norm_error, BuiltIndex};
-use tandem_types::{DataRange, ModelVersion, MODELS};
+use tandem_pipeline::{history_queries, max_norm_error, Built};
+use tandem_types::{DataRange, ModelVersion, INDEXES, MODELS};
 
 use crate::canary::ProbeUser;
 use crate::config::RetrainConfig;
@@ -22,7 +22,7 @@ use crate::{Result, RetrainError};
 /// Everything the CPU-bound part of a cycle produces.
 pub(crate) struct Prepared {
     pub model: TwoTower,
-    pub built: BuiltIndex,
+    pub built: Built,
     pub train_data: DataRange,
     pub heldout_events: usize,
     /// The newest event of the window (the held-out slice included).
@@ -81,6 +81,21 @@ fn load_champion(opts: &CycleOptions, v: ModelVersion) -> Result<(TwoTower, i64)
     Ok((TwoTower::load(&dir)?, seen))
 }
 
+/// The candidate's index layout: `[index] shards`, else the champion's, else whole.
+fn shards(opts: &CycleOptions, cfg: &RetrainConfig, champion: Option<ModelVersion>) -> Result<u32> {
+    if let Some(s) = cfg.index.shards {
+        return Ok(s.max(1));
+    }
+    let Some(v) = champion else { return Ok(1) };
+    let dir = tandem_artifact::version_dir(&opts.artifacts, INDEXES, &opts.model, v);
+    if !dir.exists() {
+        return Ok(1);
+    }
+    let m: tandem_artifact::Manifest<tandem_index::artifact::IndexManifest> =
+        tandem_artifact::open(&dir)?;
+    Ok(m.meta.shard_count())
+}
+
 fn read_features(path: &Option<PathBuf>, key: &str) -> Result<Option<FeatureTable>> {
     Ok(match path {
         Some(p) => Some(FeatureTable::read(p, key, None)?),
@@ -133,8 +148,15 @@ pub(crate) fn prepare(
         .as_ref()
         .map(|(m, _)| score(m, &window, &set))
         .transpose()?;
-    let (built, gate) =
-        index_and_gate(&model, &window, cfg, &candidate_metrics, &champion_metrics)?;
+    let shards = shards(opts, cfg, champion)?;
+    let (built, gate) = index_and_gate(
+        &model,
+        &window,
+        cfg,
+        shards,
+        &candidate_metrics,
+        &champion_metrics,
+    )?;
     Ok(Prep::Ready(Box::new(Prepared {
         probes: probes(&window, &set, cfg.canary.probe_users),
         model,
@@ -166,23 +188,24 @@ fn index_and_gate(
     model: &TwoTower,
     window: &EventLog,
     cfg: &RetrainConfig,
+    shards: u32,
     candidate: &BTreeMap<String, f64>,
     champion: &Option<BTreeMap<String, f64>>,
-) -> Result<(BuiltIndex, Vec<Decision>)> {
+) -> Result<(Built, Vec<Decision>)> {
     let queries = history_queries(model, window, 1000)?;
     let user_norm_error = max_norm_error(&queries.0, cfg.model.dim);
-    let built = build_index(model, &HnswParams::default(), queries)?;
-    let norm_error = if user_norm_error.is_nan() || built.item_norm_error.is_nan() {
+    let built = Built::build(model, &HnswParams::default(), queries, shards)?;
+    let norm_error = if user_norm_error.is_nan() || built.item_norm_error().is_nan() {
         f64::NAN
     } else {
-        user_norm_error.max(built.item_norm_error)
+        user_norm_error.max(built.item_norm_error())
     };
     let gate = gate::evaluate(
         &cfg.gate,
         &Evidence {
             candidate: candidate.clone(),
             champion: champion.clone(),
-            ann_recall_at_10: built.ann_recall_at_10,
+            ann_recall_at_10: built.ann_recall_at_10(),
             max_norm_error: norm_error,
         },
     );

@@ -46,6 +46,7 @@ pub struct SandboxBuilder {
     configure: Box<dyn FnOnce(&mut HomefeedConfig) + Send>,
     bootstrap: Bootstrap,
     root: Option<PathBuf>,
+    shards: u32,
 }
 
 impl SandboxBuilder {
@@ -60,7 +61,15 @@ impl SandboxBuilder {
                 publish_version(root, 2);
             }),
             root: None,
+            shards: 1,
         }
+    }
+
+    /// Hosts serve shards of sharded versions: host `i` serves shard `i % shards` (the
+    /// bootstrap must publish versions split that way).
+    pub fn shards(mut self, shards: u32) -> Self {
+        self.shards = shards;
+        self
     }
 
     /// Keeps the artifact store (and event log) in `dir` instead of a temporary directory.
@@ -115,6 +124,7 @@ impl SandboxBuilder {
             // The naive-mode scenario measures what skew costs.
             .measurement_hosts(true)
             .homefeed(self.configure)
+            .shards(self.shards)
             .start()
             .await
             .expect("start the sandbox cluster");

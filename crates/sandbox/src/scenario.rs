@@ -18,14 +18,15 @@ pub fn seed_event_log(root: &Path, log: &EventLog) {
     tandem_data::drift::seed_event_log(&root.join("events"), log).expect("seed the event log");
 }
 
-/// Trains a model on `log` and publishes its index and model as version `version` of `name`.
+/// Trains a model on `log` and publishes its index (in `shards` shards; 1: whole) and model as
+/// version `version` of `name`.
 pub fn publish_trained(
     root: &Path,
     name: &str,
     version: ModelVersion,
     log: &EventLog,
-    mcfg: &ModelConfig,
-    tcfg: &TrainConfig,
+    (mcfg, tcfg): (&ModelConfig, &TrainConfig),
+    shards: u32,
 ) -> (TwoTower, TrainReport) {
     let t = train_and_publish(TrainJob {
         root,
@@ -44,6 +45,7 @@ pub fn publish_trained(
             params: HnswParams::default(),
             recall_queries: 500,
             query_log: log,
+            shards,
         }),
         progress: false,
     })

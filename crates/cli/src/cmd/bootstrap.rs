@@ -43,6 +43,9 @@ pub struct Args {
     pub nats: crate::args::NatsArgs,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Split v1's index into this many shards (hosts then serve one each with `--shard`).
+    #[arg(long, env = "TANDEM_SHARDS", default_value_t = 1)]
+    pub shards: u32,
     /// Make sure FILE holds an admin token: a random one (32 bytes from the OS, hex) is written,
     /// readable by its owner only, when the file does not exist yet.
     #[arg(long, env = "TANDEM_ADMIN_TOKEN_FILE")]
@@ -202,6 +205,7 @@ pub fn run(a: Args) -> Result<()> {
             params: HnswParams::default(),
             recall_queries: 500,
             query_log: &d.seed,
+            shards: a.shards,
         }),
         progress: false,
     })?;
@@ -212,6 +216,7 @@ pub fn run(a: Args) -> Result<()> {
         "event_log": event_log,
         "events": all.len(),
         "v1_trained_on": d.seed.len(),
+        "shards": a.shards,
         "validation": report.validation,
         "seconds": started.elapsed().as_secs_f64(),
     });

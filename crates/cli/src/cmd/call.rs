@@ -122,6 +122,9 @@ pub enum AnnCall {
         k: i32,
         #[arg(long)]
         ef: Option<u32>,
+        /// Item ids to leave out of the answer (comma-separated); it still holds k items.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
     },
     /// Load a version (admin).
     Load {
@@ -211,6 +214,7 @@ async fn ann(call: AnnCall) -> Result<()> {
             embedding,
             k,
             ef,
+            exclude,
         } => {
             let r = AnnClient::connect(&target.addr, &target.options(None)?)
                 .await?
@@ -222,6 +226,7 @@ async fn ann(call: AnnCall) -> Result<()> {
                         k,
                         ef,
                         allow_version_mismatch: false,
+                        exclude,
                     },
                     None,
                 )

@@ -248,6 +248,7 @@ async fn start_cluster(a: &Args, root: &Path, say: &Say) -> Result<Started> {
                 params: HnswParams::default(),
                 recall_queries: 500,
                 query_log: &seed,
+                shards: 1,
             }),
             progress: false,
         })?;

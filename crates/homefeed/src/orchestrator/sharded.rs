@@ -2,7 +2,8 @@
 //!
 //! Per request: read every host's (version, shard, shard count) from the metadata cache (stale
 //! entries asked afresh, concurrently); choose a version V for which every shard has a live
-//! replica serving V (the one with the most replicas, the newest on a tie); embed once with V;
+//! replica serving V (requests take turns over the covering versions in proportion to their
+//! capacity, the fewest replicas a version has on any shard); embed once with V;
 //! search one replica per shard in parallel, each asked for V; merge the top k. A replica that
 //! refuses V (it flipped) or fails is replaced by another replica of that shard on V; a shard
 //! left without one makes the request redo the handshake. All under the request's deadline. No
@@ -19,7 +20,10 @@ use std::time::Instant;
 use tandem_telemetry::catalogue as m;
 use tandem_types::ModelVersion;
 
-use super::{Ask, Attempt, Candidates, Handshake, HomefeedError, Host, Orchestrator, Searched};
+use super::{
+    Ask, Attempt, Candidates, Embedded, Handshake, HomefeedError, Host, Orchestrator, Probe,
+    Searched,
+};
 
 /// What one host serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +39,8 @@ struct Plan {
     replicas: Vec<Vec<usize>>,
 }
 
-/// The version to use given every host's view: full coverage required.
+/// The version to use given every host's view: full coverage required; `turn` spreads
+/// requests over the covering versions by capacity and over each shard's replicas.
 fn choose(
     views: &[Option<View>],
     skip: &HashSet<ModelVersion>,
@@ -53,11 +58,26 @@ fn choose(
             .or_insert_with(|| vec![Vec::new(); v.shards as usize]);
         g[v.shard as usize].push(h);
     }
-    let covered = groups
+    // Versions covering every shard, each weighted by its capacity (its fewest replicas on any
+    // shard): requests take turns over them in that proportion, so traffic splits over the
+    // versions of a partial rollout as it does over whole-index hosts — a canary of one
+    // replica per shard gets its share.
+    let covered: Vec<_> = groups
         .iter()
         .filter(|(_, per)| per.iter().all(|r| !r.is_empty()))
-        .max_by_key(|((v, _), per)| (per.iter().map(Vec::len).sum::<usize>(), *v));
-    match covered {
+        .map(|(key, per)| (key, per, per.iter().map(Vec::len).min().unwrap_or(0)))
+        .collect();
+    let total: usize = covered.iter().map(|c| c.2).sum();
+    let mut slot = if total == 0 { 0 } else { turn % total };
+    let chosen = covered.into_iter().find(|c| {
+        if slot < c.2 {
+            true
+        } else {
+            slot -= c.2;
+            false
+        }
+    });
+    match chosen.map(|(key, per, _)| (key, per)) {
         Some(((version, _), per)) => Ok(Plan {
             version: *version,
             replicas: per
@@ -101,6 +121,23 @@ fn merge(mut items: Vec<(String, f32)>, seen: &HashSet<String>, k: i32) -> Vec<(
     items.dedup_by(|a, b| a.0 == b.0);
     items.truncate(k as usize);
     items
+}
+
+/// Every shard's Search (each leaves the seen items out and answers k) and the seen items, which
+/// the merge drops too.
+fn probe(embedded: &Embedded<'_>, ask: &Ask<'_>) -> (Probe, HashSet<String>) {
+    let exclude = if ask.exclude_seen {
+        embedded.history.clone()
+    } else {
+        Vec::new()
+    };
+    let seen = exclude.iter().cloned().collect();
+    let probe = Probe {
+        vector: embedded.vector.clone(),
+        k: ask.k,
+        exclude,
+    };
+    (probe, seen)
 }
 
 /// How one shard's search ended.
@@ -185,22 +222,11 @@ impl Orchestrator {
             if let Some(hook) = &self.cfg.between_embed_and_search {
                 hook(first.url()).await;
             }
-            let seen: HashSet<String> = if ask.exclude_seen {
-                embedded.history.iter().cloned().collect()
-            } else {
-                HashSet::new()
-            };
-            let want = (ask.k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
-            let searches = plan.replicas.iter().map(|replicas| {
-                self.search_shard(
-                    replicas,
-                    plan.version,
-                    false,
-                    &embedded.vector,
-                    want,
-                    deadline,
-                )
-            });
+            let (probe, seen) = probe(&embedded, ask);
+            let searches = plan
+                .replicas
+                .iter()
+                .map(|replicas| self.search_shard(replicas, plan.version, false, &probe, deadline));
             let answers = futures_util::future::join_all(searches).await;
             let mut merged = Vec::new();
             let mut hosts = Vec::new();
@@ -241,8 +267,7 @@ impl Orchestrator {
         replicas: &[usize],
         version: ModelVersion,
         allow_mismatch: bool,
-        vector: &[f32],
-        k: i32,
+        probe: &Probe,
         deadline: Instant,
     ) -> Result<(ShardAnswer, String), HomefeedError> {
         let mut why = Vec::new();
@@ -254,7 +279,7 @@ impl Orchestrator {
                 allow_mismatch,
             };
             host.in_flight.fetch_add(1, Ordering::Relaxed);
-            let r = self.ask_host(&hs, vector.to_vec(), k, deadline).await;
+            let r = self.ask_host(&hs, probe.clone(), deadline).await;
             host.in_flight.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok((answered, items)) => {
@@ -313,15 +338,10 @@ impl Orchestrator {
         if let Some(hook) = &self.cfg.between_embed_and_search {
             hook(self.hosts[replicas[0][0]].url()).await;
         }
-        let seen: HashSet<String> = if ask.exclude_seen {
-            embedded.history.iter().cloned().collect()
-        } else {
-            HashSet::new()
-        };
-        let want = (ask.k as usize + seen.len()).min(self.cfg.max_k as usize) as i32;
+        let (probe, seen) = probe(&embedded, ask);
         let searches = replicas
             .iter()
-            .map(|r| self.search_shard(r, version, true, &embedded.vector, want, deadline));
+            .map(|r| self.search_shard(r, version, true, &probe, deadline));
         let mut merged = Vec::new();
         let mut hosts = Vec::new();
         let mut answered = version;
@@ -387,17 +407,23 @@ mod tests {
         let p = choose(&views, &HashSet::new(), 0).unwrap();
         assert_eq!(p.version, ModelVersion(1));
         assert_eq!(p.replicas, vec![vec![1], vec![2]]);
-        // Both covered: the one with more replicas, then the newer.
-        let views = [v(2, 0, 2), v(2, 1, 2), v(1, 0, 2), v(1, 1, 2), v(2, 1, 2)];
-        assert_eq!(
-            choose(&views, &HashSet::new(), 0).unwrap().version,
-            ModelVersion(2)
-        );
+        // Both covered: turns split by capacity (fewest replicas on a shard): v1 has 2 on
+        // every shard, v2 has 1 on shard 0 → v1 takes 2 turns in 3.
+        let views = [
+            v(2, 0, 2),
+            v(2, 1, 2),
+            v(2, 1, 2),
+            v(1, 0, 2),
+            v(1, 1, 2),
+            v(1, 0, 2),
+            v(1, 1, 2),
+        ];
+        let picked: Vec<u64> = (0..6)
+            .map(|t| choose(&views, &HashSet::new(), t).unwrap().version.0)
+            .collect();
+        assert_eq!(picked.iter().filter(|&&v| v == 1).count(), 4, "{picked:?}");
+        assert_eq!(picked.iter().filter(|&&v| v == 2).count(), 2, "{picked:?}");
         let views = [v(2, 0, 2), v(2, 1, 2), v(1, 0, 2), v(1, 1, 2)];
-        assert_eq!(
-            choose(&views, &HashSet::new(), 0).unwrap().version,
-            ModelVersion(2)
-        );
         // Skipping v2 (the user tower lacks it) leaves v1.
         let skip = HashSet::from([ModelVersion(2)]);
         assert_eq!(choose(&views, &skip, 0).unwrap().version, ModelVersion(1));
