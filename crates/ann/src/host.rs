@@ -134,6 +134,10 @@ pub struct Metadata {
     pub shard_count: u32,
 }
 
+/// Searches whose `max(ef, k)` is at most this run on the async worker (see
+/// [`tandem_server::run_cpu`]).
+const INLINE_SEARCH_EF: usize = 512;
+
 /// The most ids one search may exclude (a long engagement history).
 pub const MAX_EXCLUDE: usize = 10_000;
 
@@ -467,8 +471,10 @@ impl AnnHost {
             .map(|e| e as usize)
             .unwrap_or_else(|| serving.index.index.default_ef());
         let s = serving.clone();
-        // Graph search is CPU work: keep it off the async workers.
-        let hits = tokio::task::spawn_blocking(move || {
+        // A search at the usual breadth takes tens of microseconds: run it inline. A very broad
+        // one goes to the blocking pool so it cannot stall other requests.
+        let cheap = ef.max(k) <= INLINE_SEARCH_EF;
+        let hits = tandem_server::run_cpu(cheap, move || {
             let index = &s.index;
             if req.exclude_item_ids.is_empty() {
                 return index.index.search(&req.embedding, k, ef);

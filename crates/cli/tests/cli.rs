@@ -1062,3 +1062,44 @@ fn one_get_candidates_is_one_trace_across_three_processes_and_metrics_follow_a_r
     );
     drop(hosts);
 }
+
+/// `tandem bench homefeed` reports, per offered rate, latency, errors and the CPU every service
+/// process spent per request (from /proc), apart from the load generator's.
+#[test]
+fn the_homefeed_benchmark_reports_cpu_per_request_for_every_process_at_each_rate() {
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "homefeed",
+        "--rate",
+        "100,200",
+        "--seconds",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
+    let rates = out["rates"].as_array().unwrap();
+    assert_eq!(rates.len(), 2, "{out}");
+    for (row, rate) in rates.iter().zip([100, 200]) {
+        assert_eq!(row["rate"], rate);
+        assert_eq!(row["errors"], 0, "{row}");
+        assert!(row["p50_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["p99_ms"].as_f64().unwrap() >= row["p50_ms"].as_f64().unwrap());
+        let per = row["per_process_cpu_us_per_request"].as_object().unwrap();
+        let names: Vec<&str> = per.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["ann_0", "ann_1", "orchestrator", "user_tower"],
+            "{row}"
+        );
+        let sum: f64 = per.values().map(|v| v.as_f64().unwrap()).sum();
+        let total = row["service_cpu_us_per_request"].as_f64().unwrap();
+        assert!(total > 0.0 && (sum - total).abs() < 1e-6, "{row}");
+        assert!(row["load_generator_cpu_us_per_request"].as_f64().unwrap() >= 0.0);
+    }
+    // CPU time comes in 10 ms ticks: over both rates the load generator used some.
+    let load_gen: f64 = rates
+        .iter()
+        .map(|r| r["load_generator_cpu_us_per_request"].as_f64().unwrap())
+        .sum();
+    assert!(load_gen > 0.0, "{out}");
+}

@@ -20,6 +20,8 @@ pub mod usertower;
 pub use ann::{AnnClient, HostMetadata, SearchAnswer, SearchQuery, Swapped};
 pub use fleet::{FleetAdmin, FleetError, HostStatus, Step};
 pub use homefeed::{Answer, HomefeedClient};
+/// The gRPC status codes [`ClientError::code`] reports.
+pub use tonic::Code;
 pub use usertower::{
     EmbedQuery, Embedding, EngagementEvent, LoadedVersion, Recorded, UserTowerClient,
 };

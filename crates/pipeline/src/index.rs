@@ -265,14 +265,6 @@ impl Built {
         }
     }
 
-    /// Shards published (1 for a whole index).
-    pub fn shards(&self) -> usize {
-        match self {
-            Built::Whole(_) => 1,
-            Built::Sharded(b) => b.parts.len(),
-        }
-    }
-
     pub fn publish(
         &self,
         root: &Path,

@@ -286,3 +286,19 @@ impl Server {
         served
     }
 }
+
+/// Runs request-path CPU work: inline on the async worker when `cheap` (tens of microseconds,
+/// where a hand-off to the blocking pool — a thread wake-up and two context switches — costs
+/// more than the work), else on the blocking pool so a long computation cannot stall the
+/// worker's other requests. An error only if the blocking task panicked.
+pub async fn run_cpu<T, F>(cheap: bool, f: F) -> Result<T, tokio::task::JoinError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    if cheap {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
+}

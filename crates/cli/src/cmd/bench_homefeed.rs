@@ -1,5 +1,7 @@
-//! `tandem bench homefeed`: GetCandidates latency at a fixed offered load, with the user tower,
-//! the ANN hosts and the orchestrator each in its own `tandem serve` process on loopback.
+//! `tandem bench homefeed`: GetCandidates latency and CPU per request at fixed offered loads,
+//! with the user tower, the ANN hosts and the orchestrator each in its own `tandem serve` process
+//! on loopback. CPU time comes from `/proc/<pid>/stat` of every child (all threads, user +
+//! system) and of the load generator itself, sampled around each rate's run.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -14,10 +16,11 @@ const MODEL: &str = "tandem";
 
 #[derive(clap::Args, Debug)]
 pub struct HomefeedArgs {
-    /// Offered load (requests per second, open loop).
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
-    /// Seconds of load.
+    /// Offered loads (requests per second, open loop), run one after another on the same
+    /// cluster, e.g. `--rate 1000,2000,4000`.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    pub rate: Vec<u64>,
+    /// Seconds of load per rate.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// ANN host processes (with `--shards S`, host `i` serves shard `i % S`).
@@ -74,7 +77,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
     );
     tandem_pipeline::publish_small_synthetic_sharded(dir.path(), MODEL, 1, shards)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let (_ut, ut) = spawn(&s(&[
+    let (ut_proc, ut) = spawn(&s(&[
         "serve",
         "user-tower",
         "--artifacts",
@@ -106,7 +109,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         hosts.push(spawn(&args)?);
     }
     let urls: Vec<String> = hosts.iter().map(|h| h.1.clone()).collect();
-    let (_hf, hf) = spawn(&s(&[
+    let (hf_proc, hf) = spawn(&s(&[
         "serve",
         "homefeed",
         "--model",
@@ -118,6 +121,14 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         "--listen",
         "127.0.0.1:0",
     ]))?;
+    let mut procs: Vec<(String, u32)> = vec![("user_tower".into(), ut_proc.0.id())];
+    procs.extend(
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (format!("ann_{i}"), h.0 .0.id())),
+    );
+    procs.push(("orchestrator".into(), hf_proc.0.id()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -137,52 +148,121 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Open loop: a request every 1/rate seconds whether or not earlier ones have finished.
-        let lat = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let total = a.rate * a.seconds;
-        let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / a.rate.max(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let started = Instant::now();
-        let mut tasks = Vec::with_capacity(total as usize);
-        for i in 0..total {
-            tick.tick().await;
-            let (c, lat, errors, k) = (client.clone(), lat.clone(), errors.clone(), a.k);
-            tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
-                match c.candidates(&format!("u{}", i % 200), k, false, None).await {
-                    Ok(_) => lat
-                        .lock()
-                        .expect("lock")
-                        .push(t.elapsed().as_secs_f64() * 1e3),
-                    Err(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                }
-            }));
+        let mut rows = Vec::new();
+        for &rate in &a.rate {
+            rows.push(load(&client, rate, a.seconds, a.k, &procs).await?);
+            // Let the services go quiet before the next rate.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        for t in tasks {
-            t.await?;
-        }
-        let wall = started.elapsed().as_secs_f64();
-        let mut lat = std::mem::take(&mut *lat.lock().expect("lock"));
-        let [p50, p99] = percentiles(&mut lat, [0.5, 0.99]);
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "bench": "homefeed",
                 "processes": { "user_tower": 1, "ann_hosts": a.hosts, "orchestrator": 1 },
                 "shards": shards,
-                "offered_rps": a.rate,
-                "requests": total,
-                "errors": errors.load(std::sync::atomic::Ordering::SeqCst),
-                "achieved_rps": lat.len() as f64 / wall,
-                "p50_ms": p50,
-                "p99_ms": p99,
-                "max_ms": lat.last().copied().unwrap_or(0.0),
                 "k": a.k,
+                "seconds_per_rate": a.seconds,
+                "rates": rows,
             }))?
         );
         anyhow::Ok(())
     })
+}
+
+/// One offered rate for `seconds`: latency percentiles, errors (shed ones apart) and CPU µs per
+/// request of every service process and of the load generator.
+async fn load(
+    client: &HomefeedClient,
+    rate: u64,
+    seconds: u64,
+    k: i32,
+    procs: &[(String, u32)],
+) -> Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let shed = Arc::new(AtomicU64::new(0));
+    let total = rate * seconds;
+    let before: Vec<f64> = procs
+        .iter()
+        .map(|(_, pid)| cpu_seconds(&pid.to_string()))
+        .collect::<Result<_>>()?;
+    let own_before = cpu_seconds("self")?;
+    // Open loop: a request every 1/rate seconds whether or not earlier ones have finished.
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tick.tick().await;
+        let (c, lat, errors, shed) = (client.clone(), lat.clone(), errors.clone(), shed.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            match c.candidates(&format!("u{}", i % 200), k, false, None).await {
+                Ok(_) => lat
+                    .lock()
+                    .expect("lock")
+                    .push(t.elapsed().as_secs_f64() * 1e3),
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::SeqCst);
+                    if e.code() == Some(tandem_client::Code::ResourceExhausted) {
+                        shed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
+    let mut per_process = serde_json::Map::new();
+    let mut service = 0.0;
+    for ((name, pid), b) in procs.iter().zip(&before) {
+        let used = cpu_seconds(&pid.to_string())? - b;
+        service += used;
+        per_process.insert(name.clone(), serde_json::json!(per_request(used)));
+    }
+    let own = cpu_seconds("self")? - own_before;
+    let mut lat = std::mem::take(&mut *lat.lock().expect("lock"));
+    let [p50, p99, p999] = percentiles(&mut lat, [0.5, 0.99, 0.999]);
+    Ok(serde_json::json!({
+        "rate": rate,
+        "requests": total,
+        "answered": lat.len(),
+        "achieved_rps": lat.len() as f64 / wall,
+        "errors": errors.load(Ordering::SeqCst),
+        "shed": shed.load(Ordering::SeqCst),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p999,
+        "max_ms": lat.last().copied().unwrap_or(0.0),
+        "service_cpu_us_per_request": per_request(service),
+        "per_process_cpu_us_per_request": per_process,
+        "load_generator_cpu_us_per_request": per_request(own),
+    }))
+}
+
+/// CPU seconds (user + system, every thread) process `pid` (or `self`) has used, from
+/// `/proc/<pid>/stat`. The kernel reports clock ticks of USER_HZ, which Linux fixes at 100 on
+/// the architectures we build for.
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    const USER_HZ: f64 = 100.0;
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .with_context(|| format!("{path}: no command field"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let tick = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v as f64)
+            .with_context(|| format!("{path}: field {} unreadable", i + 3))
+    };
+    Ok((tick(11)? + tick(12)?) / USER_HZ)
 }
