@@ -181,43 +181,19 @@ pub fn train_and_publish(job: TrainJob) -> Result<Trained> {
     })
 }
 
-/// Embeds the catalogue of the published model in `model_dir`, builds its index, measures its
-/// recall on `queries` and publishes it as the model's version.
+/// Embeds the catalogue of the published model in `model_dir`, builds its index (split into
+/// `shards` when more than 1, published together), measures its recall on `queries` and
+/// publishes it as the model's version.
 pub fn build_and_publish_index(
     root: &Path,
     model_dir: &Path,
     params: &HnswParams,
     queries: impl FnOnce(&TwoTower) -> Result<(Vec<f32>, String)>,
-) -> Result<(BuiltIndex, tandem_index::artifact::IndexManifest, PathBuf)> {
-    let manifest = tandem_model::model::open(model_dir)?;
-    let model = TwoTower::load(model_dir)?;
-    let built = build_index(&model, params, queries(&model)?)?;
-    let (published, meta) = built.publish(
-        root,
-        &manifest.name,
-        manifest.version,
-        &manifest.meta.feature_schema_hash,
-    )?;
-    Ok((built, meta, published.dir))
-}
-
-/// [`build_and_publish_index`] for a catalogue split into `shards` (≥ 2): one version whose
-/// shards are published together.
-pub fn build_and_publish_sharded_index(
-    root: &Path,
-    model_dir: &Path,
-    params: &HnswParams,
-    queries: impl FnOnce(&TwoTower) -> Result<(Vec<f32>, String)>,
     shards: u32,
-) -> Result<(BuiltShards, tandem_index::artifact::IndexManifest, PathBuf)> {
-    if shards < 2 {
-        return Err(PipelineError::Invalid(format!(
-            "a sharded index has at least 2 shards, not {shards}"
-        )));
-    }
+) -> Result<(Built, tandem_index::artifact::IndexManifest, PathBuf)> {
     let manifest = tandem_model::model::open(model_dir)?;
     let model = TwoTower::load(model_dir)?;
-    let built = build_sharded_index(&model, params, queries(&model)?, shards)?;
+    let built = Built::build(&model, params, queries(&model)?, shards)?;
     let (published, meta) = built.publish(
         root,
         &manifest.name,

@@ -8,9 +8,7 @@ use anyhow::Result;
 use tandem_data::{EventColumns, EventLog};
 use tandem_index::{Engine, HnswParams};
 use tandem_model::TwoTower;
-use tandem_pipeline::{
-    build_and_publish_index, build_and_publish_sharded_index, history_queries, profile_queries,
-};
+use tandem_pipeline::{build_and_publish_index, history_queries, profile_queries, Built};
 use tandem_types::error_chain;
 
 use crate::args::{model_dir, print_json};
@@ -71,15 +69,11 @@ pub fn run(a: Args) -> Result<()> {
     let fail = |e: tandem_pipeline::PipelineError| {
         anyhow::anyhow!("{}: {}", dir.display(), error_chain(&e))
     };
-    let (meta, published, embed_seconds, build_seconds) = if a.shards > 1 {
-        let (b, meta, published) =
-            build_and_publish_sharded_index(&a.out, dir, &params, queries, a.shards)
-                .map_err(fail)?;
-        (meta, published, None, b.build_seconds)
-    } else {
-        let (b, meta, published) =
-            build_and_publish_index(&a.out, dir, &params, queries).map_err(fail)?;
-        (meta, published, Some(b.embed_seconds), b.build_seconds)
+    let (built, meta, published) =
+        build_and_publish_index(&a.out, dir, &params, queries, a.shards).map_err(fail)?;
+    let (embed_seconds, build_seconds) = match &built {
+        Built::Whole(b) => (Some(b.embed_seconds), b.build_seconds),
+        Built::Sharded(b) => (None, b.build_seconds),
     };
     let out = serde_json::json!({
         "dir": published,
