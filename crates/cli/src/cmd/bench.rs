@@ -13,7 +13,8 @@ pub enum Bench {
     Ann(crate::cmd::bench_ann::AnnArgs),
     /// User-tower Embed latency/throughput, in-process and over gRPC, concurrency 1 and 64.
     UserTower(crate::cmd::bench_usertower::UserTowerArgs),
-    /// GetCandidates latency at a fixed offered load across separate service processes.
+    /// GetCandidates latency and CPU per request at one or more offered loads, across separate
+    /// service processes.
     Homefeed(crate::cmd::bench_homefeed::HomefeedArgs),
 }
 
