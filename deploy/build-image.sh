@@ -5,7 +5,9 @@
 # names resolve through Docker's /etc/hosts and embedded DNS with no extra libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem-target}"
+# The workspace's own build (`cargo run --release` puts it in ./target): an image after the demo
+# compiles nothing new. CI points CARGO_TARGET_DIR at its shared cache instead.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 IMAGE="${TANDEM_IMAGE:-tandem:local}"
 # CI sets TANDEM_IMAGE_PROFILE=dev to reuse the test build instead of a second, release build.
 PROFILE="${TANDEM_IMAGE_PROFILE:-release}"

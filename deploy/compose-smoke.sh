@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 export COMPOSE_PROJECT_NAME="tandem-smoke-$$"
 export TANDEM_HOMEFEED_PORT="${TANDEM_HOMEFEED_PORT:-17301}"
 export TANDEM_HOMEFEED_METRICS_PORT="${TANDEM_HOMEFEED_METRICS_PORT:-19301}"
+export TANDEM_DASHBOARD_PORT="${TANDEM_DASHBOARD_PORT:-17401}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem-target}"
 if docker compose version >/dev/null 2>&1; then
   compose() { docker compose -f docker-compose.yml "$@"; }
@@ -25,7 +26,7 @@ deploy/build-image.sh
 t_image=$(( $(date +%s) - t0 ))
 say "image built"
 
-compose up -d user-tower-0 user-tower-1 ann-0 ann-1 ann-2 ann-3 homefeed
+compose up -d user-tower-0 user-tower-1 ann-0 ann-1 ann-2 ann-3 homefeed dashboard
 run() { compose run --rm --no-deps -T retrainer "$@"; }
 # Healthy means the orchestrator answers: bootstrap done, user tower and hosts loaded.
 deadline=$(( $(date +%s) + 300 ))
@@ -83,6 +84,16 @@ status=$(run status --hosts http://ann-0:7101,http://ann-1:7101,http://ann-2:710
 echo "$status" | tr -d ' \n' | grep -q '"hosts_per_version":{"v2":4}' || { echo "fleet did not converge: $status"; exit 1; }
 echo "$status" | tr -d ' \n' | grep -q '"replicas_per_shard":{"v2":\[2,2\]}' || { echo "expected v2 on 2 shards × 2 replicas: $status"; exit 1; }
 say "v2 serves 2 shards × 2 replicas"
+# The dashboard (published on 127.0.0.1 only) serves its page and sees the same fleet.
+dash="http://127.0.0.1:$TANDEM_DASHBOARD_PORT"
+page=$(curl -fsS "$dash/")
+grep -q '<title>Tandem fleet</title>' <<<"$page" || { echo "dashboard page missing"; exit 1; }
+deadline=$(( $(date +%s) + 30 )); state=""
+until state=$(curl -fsS "$dash/api/state" 2>/dev/null) && grep -q '"hosts_per_version":{"v2":4}' <<<"$state"; do
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "dashboard state: ${state:0:600}"; compose logs --tail 20 dashboard; exit 1; }
+  sleep 1
+done
+say "dashboard on $dash shows 4 hosts on v2"
 
 
 answered=$(grep -c model_version "$traffic" || true)

@@ -105,6 +105,7 @@ fn main() -> ExitCode {
         Command::Serve(cmd::serve::Serve::Ann(_)) => "tandem-ann",
         Command::Serve(cmd::serve::Serve::UserTower(_)) => "tandem-user-tower",
         Command::Serve(cmd::serve::Serve::Homefeed(_)) => "tandem-homefeed",
+        Command::Serve(cmd::serve::Serve::Dashboard(_)) => "tandem-dashboard",
         Command::Retrain(_) => "tandem-retrain",
         _ => "tandem",
     };

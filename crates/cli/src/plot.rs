@@ -108,6 +108,20 @@ impl Chart {
     }
 }
 
+/// The polyline to draw for `pts`: a single cycle gets a short level segment through its point,
+/// so the series' stroke (solid candidate, dashed champion) shows with one cycle too.
+fn stroke(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    match pts {
+        [(x, y)] => vec![(x - 30.0, *y), (x + 30.0, *y)],
+        _ => pts.to_vec(),
+    }
+}
+
+/// The y axis' title (both formats).
+const Y_TITLE: &str = "metric on the held-out slice";
+/// The x axis' title (both formats).
+const X_TITLE: &str = "cycle and version (marker: outcome)";
+
 fn hex(c: [u8; 3]) -> String {
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
@@ -140,7 +154,10 @@ fn svg(ch: &Chart) -> String {
     }
     for (k, (m, cand, col)) in SERIES.iter().enumerate() {
         let pts = ch.points(m, *cand);
-        let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let path: Vec<String> = stroke(&pts)
+            .iter()
+            .map(|(x, y)| format!("{x:.1},{y:.1}"))
+            .collect();
         let dash = if *cand {
             ""
         } else {
@@ -184,9 +201,10 @@ fn svg(ch: &Chart) -> String {
         );
     }
     s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">cycle and version (marker: outcome)</text>\n</svg>\n",
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{X_TITLE}</text>\n<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">{Y_TITLE}</text>\n</svg>\n",
         (LEFT + W as f64 - RIGHT) / 2.0,
-        H - 6
+        H - 6,
+        (TOP + H as f64 - BOTTOM) / 2.0
     );
     s
 }
@@ -334,7 +352,7 @@ fn png(ch: &Chart) -> Result<Vec<u8>> {
     for (k, (m, cand, col)) in SERIES.iter().enumerate() {
         let pts = ch.points(m, *cand);
         let dash = if *cand { 0 } else { 6 };
-        for w in pts.windows(2) {
+        for w in stroke(&pts).windows(2) {
             cv.line(w[0], w[1], *col, dash);
         }
         for &(x, y) in &pts {
@@ -346,6 +364,14 @@ fn png(ch: &Chart) -> Result<Vec<u8>> {
         let who = if *cand { "cand" } else { "champ" };
         cv.text(lx + 26.0, ly - 5.0, &format!("{who} {m}"), black);
     }
+    // No rotated text on this canvas: the y title sits above the axis, the x title below.
+    cv.text(LEFT - 40.0, TOP - 16.0, Y_TITLE, black);
+    cv.text(
+        (LEFT + W as f64 - RIGHT) / 2.0 - 4.0 * X_TITLE.len() as f64,
+        H as f64 - 14.0,
+        X_TITLE,
+        black,
+    );
     let ly = TOP + 20.0 * SERIES.len() as f64 + 10.0;
     for (k, o) in [Outcome::Deployed, Outcome::Rejected, Outcome::RolledBack]
         .into_iter()
@@ -418,6 +444,29 @@ mod tests {
         let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         let reader = decoder.read_info().unwrap();
         assert_eq!(reader.info().width, W as u32);
+    }
+
+    #[test]
+    fn one_cycle_still_draws_each_series_as_a_line_and_both_axes_have_titles() {
+        let dir = tempfile::tempdir().unwrap();
+        let svg_path = dir.path().join("one.svg");
+        plot(&cycles()[..1], &svg_path).unwrap();
+        let text = std::fs::read_to_string(&svg_path).unwrap();
+        let drawn: Vec<usize> = text
+            .lines()
+            .filter_map(|l| l.split("points=\"").nth(1))
+            .map(|p| p.split('"').next().unwrap().split_whitespace().count())
+            .filter(|&n| n > 0)
+            .collect();
+        assert_eq!(
+            drawn,
+            vec![2, 2],
+            "candidate and champion recall@50: {text}"
+        );
+        assert!(text.contains(X_TITLE) && text.contains(Y_TITLE));
+        for c in "recall@50".chars() {
+            assert_ne!(glyph(c), [0; 5], "no glyph for {c:?}");
+        }
     }
 
     #[test]

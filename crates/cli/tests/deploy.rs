@@ -212,6 +212,7 @@ fn the_compose_file_parses_and_names_only_real_flags() {
         "ann-2",
         "ann-3",
         "homefeed",
+        "dashboard",
         "retrainer",
     ] {
         assert!(services.contains_key(name), "compose has no {name}");

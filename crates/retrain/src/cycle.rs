@@ -67,6 +67,8 @@ pub struct CycleOptions {
     pub fault: Option<Fault>,
     /// Progress lines for humans (the daemon logs them; the demo prints them).
     pub say: Arc<dyn Fn(&str) + Send + Sync>,
+    /// Print the candidate's training progress (a line per epoch) on stderr.
+    pub training_progress: bool,
 }
 
 impl CycleOptions {
@@ -83,6 +85,7 @@ impl CycleOptions {
             client: ClientOptions::default(),
             fault: None,
             say: Arc::new(|m| tracing::info!("{m}")),
+            training_progress: false,
         }
     }
 }

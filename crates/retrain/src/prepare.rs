@@ -140,7 +140,7 @@ pub(crate) fn prepare(
         item_features: item_features.as_ref(),
         validation: Some(Protocol::Global),
     };
-    let (model, report) = train(&input, &cfg.model, &cfg.train, false)?;
+    let (model, report) = train(&input, &cfg.model, &cfg.train, opts.training_progress)?;
 
     let set = eval_set(&window, &split, cfg);
     let candidate_metrics = score(&model, &window, &set)?;

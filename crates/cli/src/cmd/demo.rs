@@ -105,11 +105,9 @@ struct Started {
 
 async fn demo(a: Args) -> Result<()> {
     let started = Instant::now();
-    let json = a.json;
+    // Progress goes to stderr in both modes: with --json, stdout carries only the report.
     let say: Say = Arc::new(move |msg: &str| {
-        if !json {
-            eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
-        }
+        eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
     });
     let root = a.out.join("cluster");
     if root.exists() {
@@ -145,6 +143,7 @@ async fn demo(a: Args) -> Result<()> {
     opts.homefeed = Some(s.cluster.homefeed.url());
     let say_cycle = say.clone();
     opts.say = Arc::new(move |m| say_cycle(m));
+    opts.training_progress = true;
     let retrainer = Retrainer::new(opts, cfg.clone());
     let cycle_started = started.elapsed().as_secs_f64();
     let rec = retrainer.run_cycle().await;
@@ -250,7 +249,9 @@ async fn start_cluster(a: &Args, root: &Path, say: &Say) -> Result<Started> {
                 query_log: &seed,
                 shards: 1,
             }),
-            progress: false,
+            // One line per epoch on stderr (the bar itself only on a terminal): v1's training
+            // is the demo's longest quiet stretch.
+            progress: true,
         })?;
         Ok(t.report.seconds)
     })
@@ -397,15 +398,19 @@ fn print_report(out: &serde_json::Value, seconds: &[Second]) {
         );
     }
     for r in c["canary"].as_array().into_iter().flatten() {
+        // The judged reason already states the hit rate against the baseline (or what failed).
+        let reason = r["reason"].as_str().filter(|s| !s.is_empty());
+        let judged = match reason {
+            Some(why) => why.to_string(),
+            None => format!("hit rate {:.3}", f(&r["hit_rate"])),
+        };
         println!(
-            "  watched  {:<8} {} probes, hit rate {:.3}, errors {}, mismatched {}, p99 {:.1} ms {}",
+            "  watched  {:<8} {} probes: {judged}; {} errors, {} mismatched, p99 {:.1} ms",
             r["phase"].as_str().unwrap_or(""),
             r["requests"],
-            f(&r["hit_rate"]),
             r["errors"],
             r["mismatched"],
             f(&r["p99_ms"]),
-            r["reason"].as_str().unwrap_or("")
         );
     }
     println!(

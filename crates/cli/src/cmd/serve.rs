@@ -20,6 +20,41 @@ pub enum Serve {
     UserTower(UserTowerArgs),
     /// The homefeed orchestrator: per-request version handshake across the ANN fleet.
     Homefeed(HomefeedArgs),
+    /// A live, read-only fleet dashboard in the browser: hosts × versions, skew, answers per
+    /// version, the user tower, retrain history, and a "try a user" box.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DashboardArgs {
+    /// ANN host URLs, comma-separated (as `tandem status --hosts`).
+    #[arg(long, env = "TANDEM_ANN_HOSTS", value_delimiter = ',', required = true)]
+    pub hosts: Vec<String>,
+    /// User-tower URL.
+    #[arg(long, env = "TANDEM_USER_TOWER")]
+    pub user_tower: String,
+    /// The orchestrator's gRPC URL, for the "try a user" box.
+    #[arg(long, env = "TANDEM_HOMEFEED")]
+    pub homefeed: Option<String>,
+    /// The orchestrator's metrics endpoint (http://HOST:PORT/metrics), for answers per version.
+    #[arg(long)]
+    pub homefeed_metrics: Option<String>,
+    /// Artifact store root (registry pins and the retrain history).
+    #[arg(long, env = "TANDEM_ARTIFACTS", default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    #[arg(long, env = "TANDEM_MODEL", default_value = "tandem")]
+    pub model: String,
+    /// Where the page is served; keep it on loopback unless something in front guards it.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7401")]
+    pub listen: SocketAddr,
+    /// Time between two looks at the fleet, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// How far back the charts reach, in minutes.
+    #[arg(long, default_value_t = 10)]
+    pub window_min: u64,
+    #[command(flatten)]
+    pub tls: crate::args::ClientTlsArgs,
 }
 
 /// Settings every server shares.
@@ -237,6 +272,7 @@ pub fn run(s: Serve) -> Result<()> {
             Serve::Ann(a) => serve_ann(a).await,
             Serve::UserTower(a) => serve_user_tower(a).await,
             Serve::Homefeed(a) => serve_homefeed(a).await,
+            Serve::Dashboard(a) => serve_dashboard(a).await,
         }
     })
 }
@@ -340,6 +376,28 @@ async fn serve_homefeed(a: HomefeedArgs) -> Result<()> {
     let opts = a.server.options().await?;
     announce(&format!("homefeed for {}", a.model), &listener, &opts)?;
     tandem_homefeed::serve(core, listener, shutdown_signal(), opts).await?;
+    Ok(())
+}
+
+async fn serve_dashboard(a: DashboardArgs) -> Result<()> {
+    if !a.artifacts.is_dir() {
+        anyhow::bail!("{}: no such artifact store", a.artifacts.display());
+    }
+    let cfg = tandem_dashboard::Config {
+        hosts: a.hosts,
+        user_tower: a.user_tower,
+        homefeed: a.homefeed,
+        homefeed_metrics: a.homefeed_metrics,
+        artifacts: a.artifacts,
+        model: a.model,
+        interval: std::time::Duration::from_millis(a.interval_ms.max(50)),
+        window: std::time::Duration::from_secs(a.window_min.max(1) * 60),
+        client: a.tls.options(None)?,
+    };
+    let listener = bind(a.listen).await?;
+    // Scripts read the address from this first line, as for the other services.
+    eprintln!("dashboard listening on {}", listener.local_addr()?);
+    tandem_dashboard::serve(cfg, listener, shutdown_signal()).await?;
     Ok(())
 }
 
