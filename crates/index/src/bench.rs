@@ -76,6 +76,12 @@ pub struct BenchReport {
     pub dim: usize,
     pub params: HnswParams,
     pub build_seconds: f64,
+    /// Reading the serialised index back (what a host does on LoadVersion).
+    pub load_seconds: f64,
+    /// Serving memory per vector (vectors, codes, links), in bytes.
+    pub bytes_per_vector: f64,
+    /// Code-distance kernel selected for this CPU (int8 layout).
+    pub simd_codes: &'static str,
     pub ground_truth_seconds: f64,
     pub peak_rss_mb: f64,
     pub rss_after_ground_truth_mb: f64,
@@ -103,6 +109,11 @@ pub fn run(
     let index = build(base, dim, params)?;
     let build_seconds = t.elapsed().as_secs_f64();
     let rss_after_build_mb = peak_rss_mb();
+    let bytes = index.to_bytes();
+    let t = Instant::now();
+    let index = crate::load_with(&bytes, params.engine, params.layout)?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    drop(bytes);
     let nq = queries.len() / dim;
     let mut rows = Vec::new();
     for &ef in efs {
@@ -139,6 +150,9 @@ pub fn run(
         dim,
         params: params.clone(),
         build_seconds,
+        load_seconds,
+        bytes_per_vector: index.bytes_per_vector(),
+        simd_codes: crate::simd::selected_u8_name(),
         ground_truth_seconds,
         peak_rss_mb: peak_rss_mb(),
         rss_after_ground_truth_mb,

@@ -14,7 +14,8 @@ use std::sync::{Mutex, RwLock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{AnnIndex, HnswParams, IndexError, Result};
+use crate::quant::Codes;
+use crate::{AnnIndex, HnswParams, IndexError, Layout, Result};
 
 /// Inner product with the fastest implementation this CPU supports.
 #[inline]
@@ -42,10 +43,11 @@ impl PartialOrd for Cand {
     }
 }
 
-/// Visited marks stamped with a generation, so a search never clears the array.
+/// Visited marks stamped with a generation, so a search clears the array only once every 255
+/// searches. One byte per node keeps the marks of a 1M-node graph in 1 MB, mostly in cache.
 struct Visited {
-    marks: Vec<u32>,
-    generation: u32,
+    marks: Vec<u8>,
+    generation: u8,
 }
 
 impl Visited {
@@ -91,12 +93,16 @@ thread_local! {
 /// Rows for which `skip` holds still guide the walk (they are expanded like any other) but
 /// never enter the results, so an exclusion list costs no recall and the answer keeps `ef`
 /// rows whenever the graph reaches that many others.
+///
+/// A node's unvisited neighbours are collected first and `prefetch` is called for each, so
+/// their rows are already on the way from memory while the first distances are computed.
 fn search_layer(
     entry: &[Cand],
     ef: usize,
     visited: &mut Visited,
     dist: impl Fn(u32) -> f32,
     mut neighbours: impl FnMut(u32, &mut Vec<u32>),
+    prefetch: impl Fn(u32),
     skip: impl Fn(u32) -> bool,
 ) -> Vec<Cand> {
     let mut candidates: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
@@ -110,6 +116,7 @@ fn search_layer(
         }
     }
     let mut buf = Vec::with_capacity(64);
+    let mut fresh = Vec::with_capacity(64);
     while let Some(Reverse(c)) = candidates.pop() {
         let worst = results.peek().map_or(f32::INFINITY, |r| r.d);
         if c.d > worst && results.len() >= ef {
@@ -117,10 +124,14 @@ fn search_layer(
         }
         buf.clear();
         neighbours(c.id, &mut buf);
+        fresh.clear();
         for &nb in &buf {
-            if !visited.insert(nb) {
-                continue;
+            if visited.insert(nb) {
+                prefetch(nb);
+                fresh.push(nb);
             }
+        }
+        for &nb in &fresh {
             let d = dist(nb);
             if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |r| r.d) {
                 let cand = Cand { d, id: nb };
@@ -135,6 +146,14 @@ fn search_layer(
         }
     }
     results.into_sorted_vec()
+}
+
+/// Starts loading every cache line of an `f32` row.
+#[inline]
+fn prefetch_f32(row: &[f32]) {
+    for line in row.chunks(16) {
+        crate::simd::prefetch(&line[0]);
+    }
 }
 
 /// A node's neighbour lists while building.
@@ -207,6 +226,7 @@ impl Builder<'_> {
             visited,
             |id| -(self.dot)(q, self.vec(id)),
             |id, buf| self.copy_neighbours(id, layer, buf),
+            |id| prefetch_f32(self.vec(id)),
             |_| false,
         )
     }
@@ -315,6 +335,9 @@ pub struct Hnsw {
     upper: Vec<Vec<Vec<u32>>>,
     entry: u32,
     max_level: usize,
+    /// Byte codes of the vectors: when present, layer 0 is walked on them and the best
+    /// candidates re-ranked exactly (see [`crate::quant`]).
+    codes: Option<Codes>,
 }
 
 impl Hnsw {
@@ -380,7 +403,7 @@ impl Hnsw {
             len0[v] = node.l0.len() as u16;
             upper.push(node.up);
         }
-        Ok(Hnsw {
+        let mut h = Hnsw {
             dot: crate::simd::select(),
             dim,
             m,
@@ -394,7 +417,83 @@ impl Hnsw {
             upper,
             entry,
             max_level,
-        })
+            codes: None,
+        };
+        h.set_layout(params.layout);
+        Ok(h)
+    }
+
+    /// Switches how layer 0 is walked: on `f32` vectors, or on byte codes with an exact
+    /// re-rank (computed here from the vectors; the file format does not change). The code
+    /// blocks carry the layer-0 lists, so with codes the separate row-ordered lists are
+    /// dropped (and rebuilt from the blocks when needed).
+    pub fn set_layout(&mut self, layout: Layout) {
+        let (links0, len0) = self.layer0_lists();
+        self.codes = match layout {
+            Layout::F32 => None,
+            Layout::Int8 => Some(Codes::new(
+                &self.vectors,
+                self.dim,
+                &links0,
+                &len0,
+                self.m0,
+                self.entry,
+            )),
+        };
+        if self.codes.is_some() {
+            self.links0 = Vec::new();
+            self.len0 = Vec::new();
+        } else {
+            self.links0 = links0;
+            self.len0 = len0;
+        }
+    }
+
+    /// Layer-0 lists in row order (`n × m0` slots, counts): held, or read back from the code
+    /// blocks.
+    fn layer0_lists(&self) -> (Vec<u32>, Vec<u16>) {
+        let Some(codes) = &self.codes else {
+            return (self.links0.clone(), self.len0.clone());
+        };
+        let n = self.levels.len();
+        let mut links0 = vec![0u32; n * self.m0];
+        let mut len0 = vec![0u16; n];
+        let mut buf = Vec::with_capacity(self.m0);
+        for row in 0..n as u32 {
+            buf.clear();
+            codes.links(codes.internal(row), &mut buf);
+            let s = row as usize * self.m0;
+            for (i, &b) in buf.iter().enumerate() {
+                links0[s + i] = codes.external(b);
+            }
+            len0[row as usize] = buf.len() as u16;
+        }
+        (links0, len0)
+    }
+
+    pub fn layout(&self) -> Layout {
+        if self.codes.is_some() {
+            Layout::Int8
+        } else {
+            Layout::F32
+        }
+    }
+
+    /// Bytes of memory per vector while serving: vectors, codes, links and levels.
+    pub fn bytes_per_vector(&self) -> f64 {
+        let n = self.levels.len().max(1) as f64;
+        let upper: usize = self
+            .upper
+            .iter()
+            .map(|l| l.iter().map(|x| x.len() * 4 + 24).sum::<usize>() + 24)
+            .sum();
+        (self.dim * 4 + 1) as f64
+            + match &self.codes {
+                // The blocks hold the lists; the row↔block maps cost 8 bytes.
+                Some(c) => (c.bytes_per_vector() + 8) as f64,
+                None => (self.m0 * 4 + 2) as f64,
+            }
+            + upper as f64 / n
     }
 
     #[inline]
@@ -410,8 +509,12 @@ impl Hnsw {
 
     fn neighbours(&self, id: u32, layer: usize) -> &[u32] {
         if layer == 0 {
+            // Empty while the code blocks hold layer 0 (the walk then reads those).
+            let Some(&len) = self.len0.get(id as usize) else {
+                return &[];
+            };
             let s = id as usize * self.m0;
-            &self.links0[s..s + self.len0[id as usize] as usize]
+            &self.links0[s..s + len as usize]
         } else {
             &self.upper[id as usize][layer - 1]
         }
@@ -432,12 +535,14 @@ impl Hnsw {
             visited,
             |id| -(self.dot)(q, self.vec(id)),
             |id, buf| buf.extend_from_slice(self.neighbours(id, layer)),
+            |id| prefetch_f32(self.vec(id)),
             skip,
         )
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.vectors.len() * 4 + self.links0.len() * 4 + 64);
+        let (links0, len0) = self.layer0_lists();
+        let mut out = Vec::with_capacity(self.vectors.len() * 4 + links0.len() * 4 + 64);
         out.extend_from_slice(MAGIC);
         for x in [
             self.dim,
@@ -454,10 +559,9 @@ impl Hnsw {
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         out.extend_from_slice(&self.levels);
-        self.len0
-            .iter()
+        len0.iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-        self.links0
+        links0
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         for lists in &self.upper {
@@ -597,6 +701,7 @@ impl Hnsw {
             upper,
             entry: entry as u32,
             max_level,
+            codes: None,
         })
     }
 }
@@ -669,6 +774,10 @@ impl AnnIndex for Hnsw {
         self.ef_search
     }
 
+    fn bytes_per_vector(&self) -> f64 {
+        Hnsw::bytes_per_vector(self)
+    }
+
     fn search(&self, q: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)> {
         self.search_filtered(q, k, ef, &|_| false)
     }
@@ -697,8 +806,38 @@ impl AnnIndex for Hnsw {
                 ep.truncate(1);
             }
             visited.reset(n);
-            let found = self.search_layer(q, &ep, ef, 0, &mut visited, skip);
-            found.into_iter().take(k).map(|c| (c.id, -c.d)).collect()
+            let Some(codes) = &self.codes else {
+                let found = self.search_layer(q, &ep, ef, 0, &mut visited, skip);
+                return found.into_iter().take(k).map(|c| (c.id, -c.d)).collect();
+            };
+            // Layer 0 on codes: the walk ranks by code scores, then the `ef` candidates it
+            // kept are re-scored exactly and the best k of those returned.
+            // Layer 0 runs on block numbers (see `quant`); rows again from here on.
+            let cq = codes.prepare(q);
+            for e in &mut ep {
+                e.id = codes.internal(e.id);
+                e.d = -codes.score(&cq, e.id);
+            }
+            let found = search_layer(
+                &ep,
+                ef,
+                &mut visited,
+                |id| -codes.score(&cq, id),
+                |id, buf| codes.links(id, buf),
+                |id| codes.prefetch(id),
+                |id| skip(codes.external(id)),
+            );
+            let rows: Vec<u32> = found.iter().map(|c| codes.external(c.id)).collect();
+            for &r in &rows {
+                prefetch_f32(self.vec(r));
+            }
+            let mut exact: Vec<(u32, f32)> = rows
+                .iter()
+                .map(|&r| (r, (self.dot)(q, self.vec(r))))
+                .collect();
+            exact.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            exact.truncate(k);
+            exact
         })
     }
 

@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod bench;
 pub mod hnsw;
 pub mod instant;
+pub mod quant;
 pub mod simd;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,10 @@ pub trait AnnIndex: Send + Sync {
     }
     /// The `ef` used when a request does not give one.
     fn default_ef(&self) -> usize;
+    /// Serving memory per vector in bytes (0 when the engine does not say).
+    fn bytes_per_vector(&self) -> f64 {
+        0.0
+    }
     /// The `k` best rows by inner product, best first, as `(row, score)`.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
     /// [`search`](Self::search) leaving out the rows for which `skip` holds, still answering
@@ -85,6 +90,8 @@ pub struct HnswParams {
     pub ef_construction: usize,
     pub ef_search: usize,
     pub seed: u64,
+    /// How Tandem's HNSW walks layer 0 (instant-distance ignores it).
+    pub layout: Layout,
 }
 
 impl Default for HnswParams {
@@ -95,6 +102,30 @@ impl Default for HnswParams {
             ef_construction: 200,
             ef_search: 64,
             seed: 7,
+            layout: Layout::default(),
+        }
+    }
+}
+
+/// The vectors layer 0 is walked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// The `f32` vectors themselves.
+    F32,
+    /// One byte per dimension (4× less memory traffic per step), the `ef` candidates found
+    /// re-ranked on the `f32` vectors.
+    #[default]
+    Int8,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Layout::F32),
+            "int8" => Ok(Layout::Int8),
+            o => Err(format!("unknown layout {o:?} (expected f32 or int8)")),
         }
     }
 }
@@ -130,8 +161,17 @@ pub fn build(vectors: Vec<f32>, dim: usize, params: &HnswParams) -> Result<Box<d
 
 /// Loads an index written by [`AnnIndex::to_bytes`].
 pub fn load(bytes: &[u8], engine: Engine) -> Result<Box<dyn AnnIndex>> {
+    load_with(bytes, engine, Layout::default())
+}
+
+/// [`load`] walking layer 0 on `layout`.
+pub fn load_with(bytes: &[u8], engine: Engine, layout: Layout) -> Result<Box<dyn AnnIndex>> {
     Ok(match engine {
-        Engine::Tandem => Box::new(hnsw::Hnsw::from_bytes(bytes)?),
+        Engine::Tandem => {
+            let mut h = hnsw::Hnsw::from_bytes(bytes)?;
+            h.set_layout(layout);
+            Box::new(h)
+        }
         Engine::InstantDistance => Box::new(instant::Instant::from_bytes(bytes)?),
     })
 }
@@ -378,6 +418,40 @@ mod tests {
         );
     }
 
+    /// Both layer-0 layouts against brute force: the byte-code walk with its exact re-rank
+    /// must reach the recall the f32 walk reaches, at a moderate and at a large ef.
+    #[test]
+    fn every_layout_reaches_its_recall_against_brute_force() {
+        let (n, dim) = (20_000, 64);
+        let data = synthetic_embeddings(n, dim, 16, 5, 6);
+        let queries = synthetic_embeddings(300, dim, 16, 5, 7);
+        let truth = Exact {
+            dim,
+            vectors: data.clone(),
+        }
+        .ground_truth(&queries, 10);
+        let index = build(data.clone(), dim, &HnswParams::default()).unwrap();
+        let bytes = index.to_bytes();
+        for layout in [Layout::F32, Layout::Int8] {
+            let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
+            let r64 = recall_at_k(index.as_ref(), &queries, &truth, 10, 64);
+            let r256 = recall_at_k(index.as_ref(), &queries, &truth, 10, 256);
+            println!("{layout:?}: recall@10 {r64:.4} at ef 64, {r256:.4} at ef 256");
+            assert!(r64 >= 0.95, "{layout:?}: recall@10 {r64:.4} at ef 64");
+            assert!(r256 >= 0.99, "{layout:?}: recall@10 {r256:.4} at ef 256");
+            // Scores are exact inner products in both layouts.
+            let q = &queries[..dim];
+            for (row, score) in index.search(q, 5, 64) {
+                let v = &data[row as usize * dim..(row as usize + 1) * dim];
+                let exact: f32 = q.iter().zip(v).map(|(a, b)| a * b).sum();
+                assert!(
+                    (score - exact).abs() < 1e-5,
+                    "{layout:?}: {score} vs {exact}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn an_index_round_trips_through_bytes_and_rejects_truncation() {
         let dim = 16;
@@ -415,9 +489,14 @@ mod tests {
             dim,
             vectors: data.clone(),
         };
-        for engine in [Engine::Tandem, Engine::InstantDistance] {
+        for (engine, layout) in [
+            (Engine::Tandem, Layout::Int8),
+            (Engine::Tandem, Layout::F32),
+            (Engine::InstantDistance, Layout::F32),
+        ] {
             let params = HnswParams {
                 engine,
+                layout,
                 ef_construction: 100,
                 ..Default::default()
             };

@@ -28,9 +28,98 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+pub type DotU8Fn = fn(&[u8], &[i8]) -> i32;
+
+/// Exact integer dot product of unsigned codes with signed query weights (portable).
+pub fn dot_u8_portable(c: &[u8], w: &[i8]) -> i32 {
+    c.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum()
+}
+
+/// Asks the CPU to start loading the cache line at `p` (a hint: no effect on results).
+#[inline(always)]
+pub fn prefetch<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: a prefetch never faults and reads nothing the program observes; SSE is part
+        // of the x86_64 baseline.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch(
+                (p as *const T).cast::<i8>(),
+                std::arch::x86_64::_MM_HINT_T0,
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Both slices are a whole number of 64-byte blocks (the quantiser pads rows and queries).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot_u8_vnni_impl(c: &[u8], w: &[i8]) -> i32 {
+        let n = c.len().min(w.len());
+        let (pc, pw) = (c.as_ptr(), w.as_ptr());
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        // SAFETY (pointer reads): every load reads 64 bytes at i < i + 64 ≤ n ≤ len of both.
+        while i + 64 <= n {
+            acc = _mm512_dpbusd_epi32(
+                acc,
+                _mm512_loadu_si512(pc.add(i).cast()),
+                _mm512_loadu_si512(pw.add(i).cast()),
+            );
+            i += 64;
+        }
+        let mut total = _mm512_reduce_add_epi32(acc);
+        while i < n {
+            total += c[i] as i32 * w[i] as i32;
+            i += 1;
+        }
+        total
+    }
+
+    /// AVX2 has no exact u8×i8 dot (vpmaddubsw saturates at 16 bits): widen both to 16 bits
+    /// and use vpmaddwd, exact in 32 bits.
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_u8_avx2_impl(c: &[u8], w: &[i8]) -> i32 {
+        let n = c.len().min(w.len());
+        let (pc, pw) = (c.as_ptr(), w.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut i = 0;
+        // SAFETY (pointer reads): every load reads 16 bytes at i < i + 16 ≤ n ≤ len of both.
+        while i + 32 <= n {
+            let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(pc.add(i).cast()));
+            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pw.add(i).cast()));
+            let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(pc.add(i + 16).cast()));
+            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pw.add(i + 16).cast()));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(c0, w0));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(c1, w1));
+            i += 32;
+        }
+        let s = _mm256_add_epi32(a0, a1);
+        let q = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+        let mut total = _mm_cvtsi128_si32(q);
+        while i < n {
+            total += c[i] as i32 * w[i] as i32;
+            i += 1;
+        }
+        total
+    }
+
+    pub fn dot_u8_vnni(c: &[u8], w: &[i8]) -> i32 {
+        // SAFETY: `select_u8` hands this out only after detecting avx512f, bw and vnni.
+        unsafe { dot_u8_vnni_impl(c, w) }
+    }
+
+    pub fn dot_u8_avx2(c: &[u8], w: &[i8]) -> i32 {
+        // SAFETY: `select_u8` hands this out only after detecting avx2.
+        unsafe { dot_u8_avx2_impl(c, w) }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_avx2_impl(a: &[f32], b: &[f32]) -> f32 {
@@ -134,9 +223,60 @@ pub fn selected_name() -> &'static str {
     chosen().1
 }
 
+fn chosen_u8() -> (DotU8Fn, &'static str) {
+    static CHOSEN: OnceLock<(DotU8Fn, &'static str)> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("TANDEM_NO_SIMD").is_none() {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return (x86::dot_u8_vnni as DotU8Fn, "avx512vnni");
+                }
+                if is_x86_feature_detected!("avx2") {
+                    return (x86::dot_u8_avx2 as DotU8Fn, "avx2");
+                }
+            }
+        }
+        (dot_u8_portable as DotU8Fn, "portable")
+    })
+}
+
+/// The code-distance kernel for this CPU (integer, so every kernel gives the same answer).
+pub fn select_u8() -> DotU8Fn {
+    chosen_u8().0
+}
+
+/// Name of the selected code kernel, for benchmark reports.
+pub fn selected_u8_name() -> &'static str {
+    chosen_u8().1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_code_kernels_are_exact() {
+        for n in [0usize, 1, 31, 32, 33, 63, 64, 65, 128, 192] {
+            let c: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+            let w: Vec<i8> = (0..n)
+                .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+                .collect();
+            let want = dot_u8_portable(&c, &w);
+            assert_eq!(select_u8()(&c, &w), want, "n {n} ({})", selected_u8_name());
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") {
+                assert_eq!(x86::dot_u8_avx2(&c, &w), want, "avx2, n {n}");
+            }
+        }
+        // Extremes: 255 × -128 over 64 lanes would saturate 16-bit pair sums.
+        let c = vec![255u8; 64];
+        let w = vec![-128i8; 64];
+        assert_eq!(select_u8()(&c, &w), 255 * -128 * 64);
+    }
 
     #[test]
     fn every_available_implementation_agrees_with_the_portable_one() {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use tandem_index::bench::{normalise, read_fvecs, run};
-use tandem_index::{synthetic_embeddings, synthetic_vectors, Engine, HnswParams};
+use tandem_index::{synthetic_embeddings, synthetic_vectors, Engine, HnswParams, Layout};
 
 #[derive(clap::Args, Debug)]
 pub struct AnnArgs {
@@ -30,6 +30,9 @@ pub struct AnnArgs {
     /// tandem or instant-distance.
     #[arg(long, default_value = "tandem")]
     pub engine: Engine,
+    /// Tandem's layer-0 walk: int8 (byte codes, the ef candidates re-ranked on f32) or f32.
+    #[arg(long, default_value = "int8")]
+    pub layout: Layout,
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
     #[arg(long, default_value_t = HnswParams::default().ef_construction)]
@@ -104,6 +107,7 @@ pub fn run_ann(a: AnnArgs) -> Result<()> {
         ef_construction: a.ef_construction,
         ef_search,
         seed: a.seed,
+        layout: a.layout,
     };
     let report = run(base, queries, dim, &params, &a.ef)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
