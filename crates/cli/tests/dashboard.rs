@@ -154,19 +154,7 @@ fn the_dashboard_shows_a_rollout_from_v1_to_v2_in_a_real_browser() {
     ]))
     .unwrap();
     assert_eq!(cycle["version"], "v1", "{cycle}");
-    let mut train = vec![
-        "train",
-        "--events",
-        p(&events),
-        "--out",
-        p(&artifacts),
-        "--protocol",
-        "none",
-        "--seed",
-        "2",
-    ];
-    train.extend_from_slice(SMALL);
-    ok(&train);
+    train_small_with(&events, &artifacts, &["--seed", "2"]);
     let v2 = artifacts.join("models/tandem/v2");
     ok(&["index", "--model", p(&v2), "--out", p(&artifacts)]);
 

@@ -35,21 +35,9 @@ pub(crate) async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dashboard: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    tandem_telemetry::accept_until("dashboard", listener, shutdown, move |stream| {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&shared, req).await) }
@@ -61,8 +49,9 @@ pub(crate) async fn run(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "dashboard: connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 type Answer = Response<Full<Bytes>>;

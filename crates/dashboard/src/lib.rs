@@ -31,12 +31,6 @@ pub enum DashboardError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Fleet(#[from] tandem_client::FleetError),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 pub type Result<T, E = DashboardError> = std::result::Result<T, E>;

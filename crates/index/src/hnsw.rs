@@ -6,6 +6,7 @@
 //! for unit vectors) computed with eight independent accumulators so it vectorises; layer-0 links
 //! live in one flat array of `2·M` slots per node; `ef` is a per-query argument.
 
+use std::borrow::Cow;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -428,7 +429,13 @@ impl Hnsw {
     /// blocks carry the layer-0 lists, so with codes the separate row-ordered lists are
     /// dropped (and rebuilt from the blocks when needed).
     pub fn set_layout(&mut self, layout: Layout) {
-        let (links0, len0) = self.layer0_lists();
+        let (links0, len0) = match self.codes {
+            Some(_) => self.lists_from_codes(),
+            None => (
+                std::mem::take(&mut self.links0),
+                std::mem::take(&mut self.len0),
+            ),
+        };
         self.codes = match layout {
             Layout::F32 => None,
             Layout::Int8 => Some(Codes::new(
@@ -451,9 +458,20 @@ impl Hnsw {
 
     /// Layer-0 lists in row order (`n × m0` slots, counts): held, or read back from the code
     /// blocks.
-    fn layer0_lists(&self) -> (Vec<u32>, Vec<u16>) {
+    fn layer0_lists(&self) -> (Cow<'_, [u32]>, Cow<'_, [u16]>) {
+        match self.codes {
+            Some(_) => {
+                let (links0, len0) = self.lists_from_codes();
+                (Cow::Owned(links0), Cow::Owned(len0))
+            }
+            None => (Cow::Borrowed(&self.links0), Cow::Borrowed(&self.len0)),
+        }
+    }
+
+    /// The layer-0 lists the code blocks hold, back in row order.
+    fn lists_from_codes(&self) -> (Vec<u32>, Vec<u16>) {
         let Some(codes) = &self.codes else {
-            return (self.links0.clone(), self.len0.clone());
+            return (Vec::new(), Vec::new());
         };
         let n = self.levels.len();
         let mut links0 = vec![0u32; n * self.m0];

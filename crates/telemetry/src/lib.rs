@@ -11,7 +11,7 @@
 pub mod metrics;
 pub mod rpc;
 
-pub use metrics::{catalogue, serve_metrics, Registry};
+pub use metrics::{accept_until, catalogue, serve_metrics, Registry};
 pub use rpc::{RpcLayer, Service};
 
 use std::sync::{Arc, Mutex};

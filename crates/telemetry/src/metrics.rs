@@ -433,12 +433,18 @@ fn fmt_labels(l: &Labels, le: Option<&str>) -> String {
     format!("{{{}}}", parts.join(","))
 }
 
-/// Serves `GET /metrics` (HTTP/1.1, one request per connection) on `listener` until `shutdown`.
-pub async fn serve_metrics(
-    registry: Arc<Registry>,
+/// Accepts connections on `listener` until `shutdown`, handing each to `serve` on its own task.
+/// A failed accept (out of file descriptors, say) is logged under `what` and retried after a
+/// short pause instead of ending the loop.
+pub async fn accept_until<F, Fut>(
+    what: &'static str,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -446,19 +452,31 @@ pub async fn serve_metrics(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tracing::warn!(error = %e, "{what}: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        tokio::spawn(serve(stream));
+    }
+}
+
+/// Serves `GET /metrics` (HTTP/1.1, one request per connection) on `listener` until `shutdown`.
+pub async fn serve_metrics(
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    accept_until("metrics endpoint", listener, shutdown, move |stream| {
         let registry = registry.clone();
-        tokio::spawn(async move {
+        async move {
             if let Err(e) = answer(&registry, stream).await {
                 tracing::debug!(error = %e, "metrics endpoint: connection failed");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn answer(registry: &Registry, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {

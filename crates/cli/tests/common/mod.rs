@@ -78,6 +78,11 @@ pub const SMALL: &[&str] = &[
 
 /// Trains a small model on all of `events` (no validation) into `artifacts`.
 pub fn train_small(events: &Path, artifacts: &Path) {
+    train_small_with(events, artifacts, &[]);
+}
+
+/// [`train_small`] with extra `tandem train` flags (e.g. `--seed 2`).
+pub fn train_small_with(events: &Path, artifacts: &Path, extra: &[&str]) {
     let mut args = vec![
         "train",
         "--events",
@@ -87,6 +92,7 @@ pub fn train_small(events: &Path, artifacts: &Path) {
         "--protocol",
         "none",
     ];
+    args.extend_from_slice(extra);
     args.extend_from_slice(SMALL);
     ok(&args);
 }
@@ -133,19 +139,7 @@ pub fn two_indexed_versions_with(dir: &Path, index_flags: &[&str]) -> PathBuf {
     let events = data.join("events.csv");
     let artifacts = dir.join("a");
     for seed in ["1", "2"] {
-        let mut args = vec![
-            "train",
-            "--events",
-            p(&events),
-            "--out",
-            p(&artifacts),
-            "--protocol",
-            "none",
-            "--seed",
-            seed,
-        ];
-        args.extend_from_slice(SMALL);
-        ok(&args);
+        train_small_with(&events, &artifacts, &["--seed", seed]);
     }
     for v in ["v1", "v2"] {
         let model = artifacts.join("models/tandem").join(v);
