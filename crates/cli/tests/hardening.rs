@@ -368,10 +368,10 @@ fn a_copied_model_directory_is_not_served_as_a_new_version() {
 
 /// Offsets of the HNSW file header's u64 fields (after the 16-byte magic).
 const DIM: usize = 16;
+const M: usize = 16 + 8;
 const EF_SEARCH: usize = 16 + 3 * 8;
 const COUNT: usize = 16 + 4 * 8;
 const MAX_LEVEL: usize = 16 + 6 * 8;
-const HEADER: usize = 16 + 7 * 8;
 
 /// A change to an index file's bytes.
 type Edit = dyn Fn(&mut Vec<u8>);
@@ -402,10 +402,14 @@ fn an_index_with_valid_checksums_but_bad_contents_is_refused_naming_the_field() 
             5,
             "link",
             Box::new(|b| {
-                let (dim, n) = (u64_at(b, DIM) as usize, u64_at(b, COUNT) as usize);
-                // vectors, then one level byte and one u16 layer-0 length per node, then the links.
-                let links0 = HEADER + n * dim * 4 + n + n * 2;
-                b[links0..links0 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+                let (dim, m) = (u64_at(b, DIM) as usize, u64_at(b, M) as usize);
+                let n = u64_at(b, COUNT) as usize;
+                // The file ends with one block per node: a code row padded to whole cache
+                // lines, then 2·m layer-0 links. Block 0's first link goes past the graph.
+                let stride = dim.div_ceil(64) * 64;
+                let block = (stride + 2 * m * 4).div_ceil(64) * 64;
+                let link = b.len() - n * block + stride;
+                b[link..link + 4].copy_from_slice(&(n as u32 + 7).to_le_bytes());
             }),
         ),
     ];

@@ -235,7 +235,8 @@ pub fn load_shard(dir: &Path, shard: Option<u32>) -> Result<LoadedIndex> {
         }
         (_, Some(s)) => (s, shard_index_file(s), shard_items_file(s)),
     };
-    let index = crate::load(&read(&index_file)?, manifest.meta.params.engine)?;
+    let params = &manifest.meta.params;
+    let index = crate::open_with(&dir.join(&index_file), params.engine, params.layout)?;
     let items: Vec<String> = serde_json::from_slice(&read(&items_file)?)
         .map_err(|e| IndexError::Invalid(format!("{}: {e}", dir.join(&items_file).display())))?;
     if items.len() != index.len() || index.dim() != manifest.meta.dim {

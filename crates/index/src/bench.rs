@@ -76,8 +76,15 @@ pub struct BenchReport {
     pub dim: usize,
     pub params: HnswParams,
     pub build_seconds: f64,
-    /// Reading the serialised index back (what a host does on LoadVersion).
+    /// Opening the written index file (what a host does on LoadVersion, after the artifact
+    /// checksums): Tandem's HNSW maps it and checks every link.
     pub load_seconds: f64,
+    /// Whether the loaded index serves from a memory-mapped file.
+    pub mapped: bool,
+    /// What layer 0 is scored on (`auto` resolved at build).
+    pub layout: crate::Layout,
+    /// Size of the index file per vector, in bytes.
+    pub file_bytes_per_vector: f64,
     /// Serving memory per vector (vectors, codes, links), in bytes.
     pub bytes_per_vector: f64,
     /// Code-distance kernel selected for this CPU (int8 layout).
@@ -95,6 +102,7 @@ pub fn run(
     dim: usize,
     params: &HnswParams,
     efs: &[usize],
+    repeat: usize,
 ) -> Result<BenchReport> {
     let t = Instant::now();
     let truth = Exact {
@@ -110,22 +118,40 @@ pub fn run(
     let build_seconds = t.elapsed().as_secs_f64();
     let rss_after_build_mb = peak_rss_mb();
     let bytes = index.to_bytes();
-    let t = Instant::now();
-    let index = crate::load_with(&bytes, params.engine, params.layout)?;
-    let load_seconds = t.elapsed().as_secs_f64();
+    drop(index);
+    let file_bytes_per_vector = bytes.len() as f64 / n.max(1) as f64;
+    let path = std::env::temp_dir().join(format!("tandem-bench-ann-{}.bin", std::process::id()));
+    std::fs::write(&path, &bytes).map_err(|source| crate::IndexError::Io {
+        path: path.clone(),
+        source,
+    })?;
     drop(bytes);
+    let t = Instant::now();
+    let opened = crate::open_with(&path, params.engine, params.layout);
+    let load_seconds = t.elapsed().as_secs_f64();
+    // The mapping keeps the file's pages; the name can go now.
+    let _ = std::fs::remove_file(&path);
+    let index = opened?;
     let nq = queries.len() / dim;
     let mut rows = Vec::new();
     for &ef in efs {
         let recall = recall_at_k(index.as_ref(), &queries, &truth, 10, ef);
         let mut lat: Vec<f64> = Vec::with_capacity(nq);
-        let t = Instant::now();
         for q in queries.chunks_exact(dim) {
             let s = Instant::now();
             std::hint::black_box(index.search(q, 10, ef));
             lat.push(s.elapsed().as_secs_f64() * 1e6);
         }
-        let qps1 = nq as f64 / t.elapsed().as_secs_f64();
+        // Throughput without the clock reads, best of `repeat` passes.
+        let mut best = f64::INFINITY;
+        for _ in 0..repeat.max(1) {
+            let t = Instant::now();
+            for q in queries.chunks_exact(dim) {
+                std::hint::black_box(index.search(q, 10, ef));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let qps1 = nq as f64 / best;
         let t = Instant::now();
         queries.par_chunks(dim).for_each(|q| {
             std::hint::black_box(index.search(q, 10, ef));
@@ -151,6 +177,9 @@ pub fn run(
         params: params.clone(),
         build_seconds,
         load_seconds,
+        mapped: index.is_mapped(),
+        layout: index.layout(),
+        file_bytes_per_vector,
         bytes_per_vector: index.bytes_per_vector(),
         simd_codes: crate::simd::selected_u8_name(),
         ground_truth_seconds,

@@ -12,6 +12,7 @@ pub mod hnsw;
 pub mod instant;
 pub mod quant;
 pub mod simd;
+pub mod store;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,14 @@ pub trait AnnIndex: Send + Sync {
     /// Serving memory per vector in bytes (0 when the engine does not say).
     fn bytes_per_vector(&self) -> f64 {
         0.0
+    }
+    /// Whether the index serves from a memory-mapped file.
+    fn is_mapped(&self) -> bool {
+        false
+    }
+    /// What layer 0 is scored on (engines without codes score vectors).
+    fn layout(&self) -> Layout {
+        Layout::F32
     }
     /// The `k` best rows by inner product, best first, as `(row, score)`.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
@@ -107,15 +116,19 @@ impl Default for HnswParams {
     }
 }
 
-/// The vectors layer 0 is walked on.
+/// What Tandem's HNSW scores layer 0 on. Both walk the same blocks of codes and links; the
+/// choice is the index's, made when it is built (and kept in its file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
+    /// Measure at build: the codes if they rank this index's own vectors faithfully, the
+    /// vectors otherwise (see [`hnsw::Hnsw::code_fidelity`]). When loading, "as built".
+    #[default]
+    Auto,
     /// The `f32` vectors themselves.
     F32,
     /// One byte per dimension (4× less memory traffic per step), the `ef` candidates found
     /// re-ranked on the `f32` vectors.
-    #[default]
     Int8,
 }
 
@@ -123,9 +136,10 @@ impl std::str::FromStr for Layout {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Layout::Auto),
             "f32" => Ok(Layout::F32),
             "int8" => Ok(Layout::Int8),
-            o => Err(format!("unknown layout {o:?} (expected f32 or int8)")),
+            o => Err(format!("unknown layout {o:?} (expected auto, f32 or int8)")),
         }
     }
 }
@@ -164,15 +178,42 @@ pub fn load(bytes: &[u8], engine: Engine) -> Result<Box<dyn AnnIndex>> {
     load_with(bytes, engine, Layout::default())
 }
 
-/// [`load`] walking layer 0 on `layout`.
+/// [`load`] scoring layer 0 on `layout` (`Auto`: as the index was built).
 pub fn load_with(bytes: &[u8], engine: Engine, layout: Layout) -> Result<Box<dyn AnnIndex>> {
     Ok(match engine {
         Engine::Tandem => {
             let mut h = hnsw::Hnsw::from_bytes(bytes)?;
-            h.set_layout(layout);
+            if layout != Layout::Auto {
+                h.set_layout(layout);
+            }
             Box::new(h)
         }
         Engine::InstantDistance => Box::new(instant::Instant::from_bytes(bytes)?),
+    })
+}
+
+/// Opens the index file at `path`: Tandem's HNSW memory-maps it and serves from the mapping
+/// (see [`hnsw::Hnsw::open`]); instant-distance reads and decodes it.
+pub fn open_with(
+    path: &std::path::Path,
+    engine: Engine,
+    layout: Layout,
+) -> Result<Box<dyn AnnIndex>> {
+    Ok(match engine {
+        Engine::Tandem => {
+            let mut h = hnsw::Hnsw::open(path)?;
+            if layout != Layout::Auto {
+                h.set_layout(layout);
+            }
+            Box::new(h)
+        }
+        Engine::InstantDistance => {
+            let bytes = std::fs::read(path).map_err(|source| IndexError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Box::new(instant::Instant::from_bytes(&bytes)?)
+        }
     })
 }
 
@@ -463,6 +504,103 @@ mod tests {
         assert_eq!(index.search(q, 5, 32), back.search(q, 5, 32));
         assert!(load(&bytes[..bytes.len() - 3], Engine::Tandem).is_err());
         assert!(load(b"garbage", Engine::Tandem).is_err());
+    }
+
+    /// The mapped file serves the same answers as the index it was written from, and a
+    /// truncated or corrupted file is refused or, where a flipped byte still makes a valid
+    /// index (a vector value, a code), searched without a panic.
+    #[test]
+    fn a_mapped_index_matches_its_source_and_corrupt_files_never_crash() {
+        let dim = 24;
+        let data = synthetic_embeddings(3000, dim, 8, 1, 2);
+        let index = build(data.clone(), dim, &HnswParams::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.bin");
+        let bytes = index.to_bytes();
+        std::fs::write(&path, &bytes).unwrap();
+        let mapped = hnsw::Hnsw::open(&path).unwrap();
+        assert!(mapped.is_mapped());
+        let queries = synthetic_embeddings(20, dim, 8, 1, 3);
+        for q in queries.chunks_exact(dim) {
+            assert_eq!(index.search(q, 10, 64), mapped.search(q, 10, 64));
+        }
+        for layout in [Layout::F32, Layout::Int8] {
+            let f = open_with(&path, Engine::Tandem, layout).unwrap();
+            assert_eq!(f.search(&queries[..dim], 10, 64).len(), 10, "{layout:?}");
+        }
+        for cut in [1, 64, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let err = hnsw::Hnsw::open(&path)
+                .err()
+                .expect("a truncated file is refused");
+            assert!(err.to_string().contains("HNSW"), "{err}");
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (mut refused, mut served) = (0, 0);
+        for _ in 0..300 {
+            let mut b = bytes.clone();
+            let at = rng.random_range(0..b.len());
+            b[at] ^= 1 << rng.random_range(0..8);
+            std::fs::write(&path, &b).unwrap();
+            match hnsw::Hnsw::open(&path) {
+                Err(_) => refused += 1,
+                Ok(h) => {
+                    served += 1;
+                    for q in queries.chunks_exact(dim).take(3) {
+                        h.search(q, 10, 64);
+                    }
+                }
+            }
+        }
+        println!("byte flips: {refused} refused, {served} still valid and searched");
+        assert!(refused > 0 && served > 0);
+    }
+
+    /// `Auto` keeps the codes where they rank the index's own vectors as the vectors do, and
+    /// walks the vectors where neighbours are closer together than the codes can tell apart
+    /// (as in a trained model's item embeddings: one shared direction, small variations).
+    #[test]
+    fn auto_layout_takes_codes_only_where_they_rank_faithfully() {
+        use rand::{Rng, SeedableRng};
+        let dim = 64;
+        let spread = synthetic_embeddings(5000, dim, 16, 1, 2);
+        let spread = hnsw::Hnsw::build(spread, dim, &HnswParams::default()).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut tight = Vec::with_capacity(5000 * dim);
+        for i in 0..5000 {
+            // Small Gaussian variations around one shared direction, and one row in fifty
+            // ten times further out: the outliers stretch every dimension's code range, so
+            // the bulk is left few codes (trained item embeddings spanned 9 to 13 standard
+            // deviations per dimension).
+            let spread = if i % 50 == 0 { 0.12 } else { 0.012 };
+            let v: Vec<f32> = (0..dim)
+                .map(|j| {
+                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-9), rng.random());
+                    let g = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                    0.11 * if j % 2 == 0 { 1.0 } else { -1.0 } + spread * g
+                })
+                .collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            tight.extend(v.iter().map(|x| x / norm));
+        }
+        let tight = hnsw::Hnsw::build(tight, dim, &HnswParams::default()).unwrap();
+        println!(
+            "code fidelity: spread {:.3}, tight {:.3}",
+            spread.code_fidelity(),
+            tight.code_fidelity()
+        );
+        assert_eq!(spread.layout(), Layout::Int8);
+        assert_eq!(tight.layout(), Layout::F32);
+        // Either can be asked for the other layout, and the file keeps the choice.
+        let mut forced = hnsw::Hnsw::from_bytes(&tight.to_bytes()).unwrap();
+        assert_eq!(forced.layout(), Layout::F32);
+        forced.set_layout(Layout::Int8);
+        assert_eq!(forced.layout(), Layout::Int8);
+        assert_eq!(
+            hnsw::Hnsw::from_bytes(&forced.to_bytes()).unwrap().layout(),
+            Layout::Int8
+        );
     }
 
     #[test]

@@ -28,11 +28,13 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-pub type DotU8Fn = fn(&[u8], &[i8]) -> i32;
+pub type DotU8Fn = fn(&[u8], &[i8], &[i8]) -> (i32, i32);
 
-/// Exact integer dot product of unsigned codes with signed query weights (portable).
-pub fn dot_u8_portable(c: &[u8], w: &[i8]) -> i32 {
-    c.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum()
+/// Exact integer dot products of unsigned codes with two rows of signed query weights (the
+/// high and low halves of a 15-bit query), portable.
+pub fn dot_u8_portable(c: &[u8], hi: &[i8], lo: &[i8]) -> (i32, i32) {
+    let dot = |w: &[i8]| c.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
+    (dot(hi), dot(lo))
 }
 
 /// Asks the CPU to start loading the cache line at `p` (a hint: no effect on results).
@@ -57,68 +59,69 @@ pub fn prefetch<T>(p: &T) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Both slices are a whole number of 64-byte blocks (the quantiser pads rows and queries).
+    /// All slices are a whole number of 64-byte blocks (the quantiser pads rows and queries).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn dot_u8_vnni_impl(c: &[u8], w: &[i8]) -> i32 {
-        let n = c.len().min(w.len());
-        let (pc, pw) = (c.as_ptr(), w.as_ptr());
-        let mut acc = _mm512_setzero_si512();
+    unsafe fn dot_u8_vnni_impl(c: &[u8], hi: &[i8], lo: &[i8]) -> (i32, i32) {
+        let n = c.len().min(hi.len()).min(lo.len());
+        let (pc, ph, pl) = (c.as_ptr(), hi.as_ptr(), lo.as_ptr());
+        let (mut ah, mut al) = (_mm512_setzero_si512(), _mm512_setzero_si512());
         let mut i = 0;
-        // SAFETY (pointer reads): every load reads 64 bytes at i < i + 64 ≤ n ≤ len of both.
+        // SAFETY (pointer reads): every load reads 64 bytes at i < i + 64 ≤ n ≤ len of all.
         while i + 64 <= n {
-            acc = _mm512_dpbusd_epi32(
-                acc,
-                _mm512_loadu_si512(pc.add(i).cast()),
-                _mm512_loadu_si512(pw.add(i).cast()),
-            );
+            let code = _mm512_loadu_si512(pc.add(i).cast());
+            ah = _mm512_dpbusd_epi32(ah, code, _mm512_loadu_si512(ph.add(i).cast()));
+            al = _mm512_dpbusd_epi32(al, code, _mm512_loadu_si512(pl.add(i).cast()));
             i += 64;
         }
-        let mut total = _mm512_reduce_add_epi32(acc);
+        let (mut th, mut tl) = (_mm512_reduce_add_epi32(ah), _mm512_reduce_add_epi32(al));
         while i < n {
-            total += c[i] as i32 * w[i] as i32;
+            th += c[i] as i32 * hi[i] as i32;
+            tl += c[i] as i32 * lo[i] as i32;
             i += 1;
         }
-        total
+        (th, tl)
     }
 
     /// AVX2 has no exact u8×i8 dot (vpmaddubsw saturates at 16 bits): widen both to 16 bits
     /// and use vpmaddwd, exact in 32 bits.
     #[target_feature(enable = "avx2")]
-    unsafe fn dot_u8_avx2_impl(c: &[u8], w: &[i8]) -> i32 {
-        let n = c.len().min(w.len());
-        let (pc, pw) = (c.as_ptr(), w.as_ptr());
-        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    unsafe fn dot_u8_avx2_impl(c: &[u8], hi: &[i8], lo: &[i8]) -> (i32, i32) {
+        let n = c.len().min(hi.len()).min(lo.len());
+        let (pc, ph, pl) = (c.as_ptr(), hi.as_ptr(), lo.as_ptr());
+        let (mut ah, mut al) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         let mut i = 0;
-        // SAFETY (pointer reads): every load reads 16 bytes at i < i + 16 ≤ n ≤ len of both.
-        while i + 32 <= n {
-            let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(pc.add(i).cast()));
-            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pw.add(i).cast()));
-            let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(pc.add(i + 16).cast()));
-            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(pw.add(i + 16).cast()));
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(c0, w0));
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(c1, w1));
-            i += 32;
+        // SAFETY (pointer reads): every load reads 16 bytes at i < i + 16 ≤ n ≤ len of all.
+        while i + 16 <= n {
+            let code = _mm256_cvtepu8_epi16(_mm_loadu_si128(pc.add(i).cast()));
+            let h = _mm256_cvtepi8_epi16(_mm_loadu_si128(ph.add(i).cast()));
+            let l = _mm256_cvtepi8_epi16(_mm_loadu_si128(pl.add(i).cast()));
+            ah = _mm256_add_epi32(ah, _mm256_madd_epi16(code, h));
+            al = _mm256_add_epi32(al, _mm256_madd_epi16(code, l));
+            i += 16;
         }
-        let s = _mm256_add_epi32(a0, a1);
-        let q = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
-        let mut total = _mm_cvtsi128_si32(q);
+        let sum = |s: __m256i| {
+            let q = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+            let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+            _mm_cvtsi128_si32(q)
+        };
+        let (mut th, mut tl) = (sum(ah), sum(al));
         while i < n {
-            total += c[i] as i32 * w[i] as i32;
+            th += c[i] as i32 * hi[i] as i32;
+            tl += c[i] as i32 * lo[i] as i32;
             i += 1;
         }
-        total
+        (th, tl)
     }
 
-    pub fn dot_u8_vnni(c: &[u8], w: &[i8]) -> i32 {
+    pub fn dot_u8_vnni(c: &[u8], hi: &[i8], lo: &[i8]) -> (i32, i32) {
         // SAFETY: `select_u8` hands this out only after detecting avx512f, bw and vnni.
-        unsafe { dot_u8_vnni_impl(c, w) }
+        unsafe { dot_u8_vnni_impl(c, hi, lo) }
     }
 
-    pub fn dot_u8_avx2(c: &[u8], w: &[i8]) -> i32 {
+    pub fn dot_u8_avx2(c: &[u8], hi: &[i8], lo: &[i8]) -> (i32, i32) {
         // SAFETY: `select_u8` hands this out only after detecting avx2.
-        unsafe { dot_u8_avx2_impl(c, w) }
+        unsafe { dot_u8_avx2_impl(c, hi, lo) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -260,22 +263,31 @@ mod tests {
 
     #[test]
     fn the_code_kernels_are_exact() {
-        for n in [0usize, 1, 31, 32, 33, 63, 64, 65, 128, 192] {
+        for n in [0usize, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 128, 192] {
             let c: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
-            let w: Vec<i8> = (0..n)
+            let hi: Vec<i8> = (0..n)
                 .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
                 .collect();
-            let want = dot_u8_portable(&c, &w);
-            assert_eq!(select_u8()(&c, &w), want, "n {n} ({})", selected_u8_name());
+            let lo: Vec<i8> = (0..n).map(|i| ((i * 13 % 129) as i32 - 64) as i8).collect();
+            let want = dot_u8_portable(&c, &hi, &lo);
+            let plain =
+                |w: &[i8]| -> i32 { c.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum() };
+            assert_eq!(want, (plain(&hi), plain(&lo)));
+            assert_eq!(
+                select_u8()(&c, &hi, &lo),
+                want,
+                "n {n} ({})",
+                selected_u8_name()
+            );
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") {
-                assert_eq!(x86::dot_u8_avx2(&c, &w), want, "avx2, n {n}");
+                assert_eq!(x86::dot_u8_avx2(&c, &hi, &lo), want, "avx2, n {n}");
             }
         }
         // Extremes: 255 × -128 over 64 lanes would saturate 16-bit pair sums.
         let c = vec![255u8; 64];
         let w = vec![-128i8; 64];
-        assert_eq!(select_u8()(&c, &w), 255 * -128 * 64);
+        assert_eq!(select_u8()(&c, &w, &w), (255 * -128 * 64, 255 * -128 * 64));
     }
 
     #[test]

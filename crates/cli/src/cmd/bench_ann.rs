@@ -14,6 +14,14 @@ pub struct AnnArgs {
     /// Query vectors (TEXMEX .fvecs).
     #[arg(long)]
     pub queries: Option<PathBuf>,
+    /// A trained model's version directory instead: every item's embedding is a base vector;
+    /// the queries are users' embeddings from their --events histories, or else --n-queries
+    /// evenly spaced items' own embeddings (item-to-item search).
+    #[arg(long, conflicts_with = "base")]
+    pub model: Option<PathBuf>,
+    /// Event log (file or directory) whose users' histories make the --model queries.
+    #[arg(long, requires = "model")]
+    pub events: Option<PathBuf>,
     /// Clustered normalised synthetic vectors instead of files: `N,DIM`.
     #[arg(long, default_value = "200000,64", conflicts_with = "base")]
     pub synthetic: String,
@@ -30,8 +38,9 @@ pub struct AnnArgs {
     /// tandem or instant-distance.
     #[arg(long, default_value = "tandem")]
     pub engine: Engine,
-    /// Tandem's layer-0 walk: int8 (byte codes, the ef candidates re-ranked on f32) or f32.
-    #[arg(long, default_value = "int8")]
+    /// What Tandem's layer-0 walk scores: int8 (byte codes, the ef candidates re-ranked on
+    /// f32), f32, or auto (measured at build: codes when they rank these vectors faithfully).
+    #[arg(long, default_value = "auto")]
     pub layout: Layout,
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
@@ -42,6 +51,10 @@ pub struct AnnArgs {
     pub ef: Vec<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Single-thread passes over the queries per ef; the fastest is reported (a shared or
+    /// virtual machine's speed drifts).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Also write the base and query vectors used as `base.fvecs` / `queries.fvecs` here (to run
     /// another engine on exactly the same data).
     #[arg(long)]
@@ -53,6 +66,35 @@ pub struct AnnArgs {
 
 pub fn run_ann(a: AnnArgs) -> Result<()> {
     let (base, queries, dim) = match (&a.base, &a.queries) {
+        _ if a.model.is_some() => {
+            let dir = a.model.as_deref().expect("checked");
+            let model = tandem_model::TwoTower::load(crate::args::model_dir(dir)?)?;
+            let (base, dim, _) = tandem_pipeline::index::item_vectors(&model)?;
+            let (queries, source) = match &a.events {
+                Some(path) => {
+                    let log = tandem_data::EventLog::read(path, &Default::default())?;
+                    tandem_pipeline::index::history_queries(&model, &log, a.n_queries)?
+                }
+                None => {
+                    let n = base.len() / dim;
+                    let step = (n / a.n_queries.max(1)).max(1);
+                    let q: Vec<f32> = base
+                        .chunks_exact(dim)
+                        .step_by(step)
+                        .take(a.n_queries)
+                        .flatten()
+                        .copied()
+                        .collect();
+                    let source = format!("{} items' embeddings", q.len() / dim);
+                    (q, source)
+                }
+            };
+            eprintln!(
+                "{} item embeddings of dimension {dim}; queries: {source}",
+                base.len() / dim
+            );
+            (base, queries, dim)
+        }
         (Some(b), Some(q)) => {
             let (mut base, dim) = read_fvecs(b, None)?;
             let (mut queries, qdim) = read_fvecs(q, None)?;
@@ -109,7 +151,7 @@ pub fn run_ann(a: AnnArgs) -> Result<()> {
         seed: a.seed,
         layout: a.layout,
     };
-    let report = run(base, queries, dim, &params, &a.ef)?;
+    let report = run(base, queries, dim, &params, &a.ef, a.repeat)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
