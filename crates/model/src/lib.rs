@@ -14,6 +14,7 @@
 //! - [`train`]: the training loop with early stopping.
 //! - [`eval`]: metrics, baselines and the model as a ranker.
 //! - [`model`]: inference models, save and load.
+//! - [`fused`]: the user tower's candle-free serving forward (mean encoder).
 //! - [`publish`]: writing a trained model as an artifact version.
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod ease;
 pub mod encode;
 pub mod eval;
+pub mod fused;
 pub mod logq;
 pub mod loss;
 pub mod model;

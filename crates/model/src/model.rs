@@ -41,6 +41,8 @@ pub struct UserModel {
     pub feat_emb: Tensor,
     pub history_emb: Tensor,
     pub temperature: f32,
+    /// The candle-free forward for serving, made on first use (see [`crate::fused`]).
+    fused: std::sync::OnceLock<Option<crate::fused::FusedUser>>,
 }
 
 /// Everything needed to embed catalogue items.
@@ -155,6 +157,7 @@ impl UserModel {
             feat_emb,
             history_emb,
             temperature,
+            fused: std::sync::OnceLock::new(),
         }
     }
 
@@ -242,6 +245,22 @@ impl UserModel {
 
     pub fn embed_requests(&self, reqs: &[UserRequest]) -> Result<Tensor> {
         self.embed(&self.input(reqs))
+    }
+
+    /// [`embed_requests`](Self::embed_requests) as plain rows (`reqs.len() × dim`), the serving
+    /// path: the fused forward where the encoder has one (equal to the candle forward within
+    /// float rounding), the candle graph otherwise.
+    pub fn embed_vectors(&self, reqs: &[UserRequest]) -> Result<Vec<f32>> {
+        let fused = self.fused.get_or_init(|| {
+            crate::fused::FusedUser::new(self).unwrap_or_else(|e| {
+                tracing::warn!("fused user tower unavailable, serving on candle: {e}");
+                None
+            })
+        });
+        match fused {
+            Some(f) => Ok(f.forward(&self.input(reqs))),
+            None => Ok(self.embed_requests(reqs)?.flatten_all()?.to_vec1::<f32>()?),
+        }
     }
 
     pub fn load(dir: &Path) -> Result<Self> {

@@ -231,3 +231,79 @@ fn unknown_users_and_items_embed_without_error() {
         "embeddings are L2-normalised, got {norm}"
     );
 }
+
+/// The serving forward (fused, no candle graph) gives the offline model's embeddings: every
+/// part of the input (user id, long-history summary, empty and unknown histories) within 1e-6.
+#[test]
+fn the_fused_serving_forward_matches_the_candle_forward() {
+    let data = small();
+    let input = TrainInput {
+        log: &data.events,
+        user_features: None,
+        item_features: None,
+        validation: None,
+    };
+    let (mcfg, tcfg) = configs();
+    for cfg in [
+        mcfg.clone(),
+        ModelConfig {
+            use_user_id: true,
+            long_history: 6,
+            ..mcfg.clone()
+        },
+    ] {
+        let (model, _) = train(
+            &input,
+            &cfg,
+            &TrainConfig {
+                epochs: 1,
+                ..tcfg.clone()
+            },
+            false,
+        )
+        .unwrap();
+        let m = &model.user;
+        let long: Vec<u32> = (1..40).map(|i| m.item_id(&format!("i{i}"))).collect();
+        let reqs = [
+            UserRequest {
+                user: "u3",
+                history: vec![m.item_id("i7"), m.item_id("i9")],
+                ts: 1_704_100_000,
+                ..Default::default()
+            },
+            UserRequest {
+                user: "u5",
+                history: long,
+                ts: 1_704_200_000,
+                ..Default::default()
+            },
+            UserRequest {
+                user: "never-seen",
+                history: vec![],
+                ts: 0,
+                ..Default::default()
+            },
+        ];
+        let want = m
+            .embed_requests(&reqs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = m.embed_vectors(&reqs).unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{cfg:?}: fused and candle differ by {worst}");
+        // One at a time, as the service asks.
+        for (k, r) in reqs.iter().enumerate() {
+            let one = m.embed_vectors(std::slice::from_ref(r)).unwrap();
+            let d = want.len() / reqs.len();
+            assert_eq!(one, got[k * d..(k + 1) * d], "request {k}");
+        }
+    }
+}

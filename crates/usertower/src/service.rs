@@ -579,8 +579,7 @@ impl UserTower {
                 features,
             };
             let v = m
-                .embed_requests(&[r])
-                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .embed_vectors(&[r])
                 .map_err(|e| UserTowerError::Internal(e.to_string()))?;
             metrics.inc(&m::UT_EMBEDDINGS, &[("version", &version.to_string())]);
             Ok(Embedding {
