@@ -196,35 +196,8 @@ fn search_pool(
     } = scratch;
     pool.clear();
     let mut kept = 0;
-    let add = |pool: &mut Vec<Slot>, kept: &mut usize, d: f32, id: u32| -> Option<usize> {
-        if *kept >= ef && pool.last().is_some_and(|w| d >= w.d) {
-            return None;
-        }
-        let at = pool.partition_point(|s| s.d <= d);
-        pooled(id);
-        let skipped = skip(id);
-        pool.insert(
-            at,
-            Slot {
-                d,
-                id,
-                expanded: false,
-                skipped,
-            },
-        );
-        if !skipped {
-            *kept += 1;
-            if *kept > ef {
-                // Drop the worst kept node and every (skipped) node behind it.
-                let last = pool.iter().rposition(|s| !s.skipped).expect("kept > 0");
-                pool.truncate(last);
-                *kept -= 1;
-            }
-        }
-        Some(at)
-    };
     visited.insert(entry.id);
-    add(pool, &mut kept, entry.d, entry.id);
+    pool_insert(pool, &mut kept, ef, entry, &pooled, &skip);
     let mut cursor = 0;
     while cursor < pool.len() {
         pool[cursor].expanded = true;
@@ -240,9 +213,13 @@ fn search_pool(
         }
         let mut next = cursor + 1;
         for &nb in fresh.iter() {
-            if let Some(at) = add(pool, &mut kept, dist(nb), nb) {
-                next = next.min(at);
+            let d = dist(nb);
+            // Most scored nodes are worse than a full pool's worst: refused here, inline.
+            if kept >= ef && pool.last().is_some_and(|w| d >= w.d) {
+                continue;
             }
+            let at = pool_insert(pool, &mut kept, ef, Cand { d, id: nb }, &pooled, &skip);
+            next = next.min(at);
         }
         cursor = next;
         while cursor < pool.len() && pool[cursor].expanded {
@@ -250,6 +227,39 @@ fn search_pool(
         }
     }
     pool.retain(|s| !s.skipped);
+}
+
+/// Puts `c` in its place in the pool and returns where; past `ef` kept nodes, drops the worst
+/// kept one and every (skipped) node behind it.
+fn pool_insert(
+    pool: &mut Vec<Slot>,
+    kept: &mut usize,
+    ef: usize,
+    c: Cand,
+    pooled: &impl Fn(u32),
+    skip: &impl Fn(u32) -> bool,
+) -> usize {
+    let at = pool.partition_point(|s| s.d <= c.d);
+    pooled(c.id);
+    let skipped = skip(c.id);
+    pool.insert(
+        at,
+        Slot {
+            d: c.d,
+            id: c.id,
+            expanded: false,
+            skipped,
+        },
+    );
+    if !skipped {
+        *kept += 1;
+        if *kept > ef {
+            let last = pool.iter().rposition(|s| !s.skipped).expect("kept > 0");
+            pool.truncate(last);
+            *kept -= 1;
+        }
+    }
+    at
 }
 
 /// Starts loading every cache line of an `f32` row.
@@ -832,13 +842,7 @@ impl Hnsw {
             }
         };
         check_header(
-            dim,
-            m,
-            ef_construction,
-            ef_search,
-            n,
-            entry,
-            max_level,
+            [dim, m, ef_construction, ef_search, n, entry, max_level],
             bytes.len(),
         )?;
         let m0 = 2 * m;
@@ -895,13 +899,7 @@ impl Hnsw {
         }
         let [dim, m, ef_construction, ef_search, n, entry, max_level] = h;
         check_header(
-            dim,
-            m,
-            ef_construction,
-            ef_search,
-            n,
-            entry,
-            max_level,
+            [dim, m, ef_construction, ef_search, n, entry, max_level],
             bytes.len(),
         )?;
         let m0 = 2 * m;
@@ -988,17 +986,8 @@ struct Header {
 pub const AUTO_FIDELITY: f64 = 0.97;
 
 /// Header checks shared by both formats: every bound a corrupt value could break.
-#[allow(clippy::too_many_arguments)]
-fn check_header(
-    dim: usize,
-    m: usize,
-    ef_construction: usize,
-    ef_search: usize,
-    n: usize,
-    entry: usize,
-    max_level: usize,
-    file_len: usize,
-) -> Result<()> {
+fn check_header(fields: [usize; 7], file_len: usize) -> Result<()> {
+    let [dim, m, ef_construction, ef_search, n, entry, max_level] = fields;
     let bad = |field: &str, value: usize, want: &str| {
         Err(IndexError::Invalid(format!(
             "corrupt HNSW header: {field} = {value} ({want})"

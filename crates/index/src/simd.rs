@@ -9,23 +9,9 @@ use std::sync::OnceLock;
 
 pub type DotFn = fn(&[f32], &[f32]) -> f32;
 
-/// Portable version: eight independent accumulators so the compiler vectorises it.
+/// Portable version (eight independent accumulators, vectorised by the compiler).
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
+    tandem_types::vector::dot(a, b)
 }
 
 pub type DotU8Fn = fn(&[u8], &[i8], &[i8]) -> (i32, i32);

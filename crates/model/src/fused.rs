@@ -11,6 +11,8 @@
 use candle_core::Tensor;
 
 use crate::config::UserEncoder;
+use tandem_types::vector::dot;
+
 use crate::towers::{UserInput, CONTEXT_DIM};
 use crate::Result;
 
@@ -184,19 +186,4 @@ impl FusedUser {
         }
         out
     }
-}
-
-/// Inner product with eight independent accumulators (vectorises).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }

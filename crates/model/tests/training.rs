@@ -21,6 +21,16 @@ fn small() -> tandem_data::synth::SynthData {
     })
 }
 
+/// Training input of every event, no validation slice, no side features.
+fn unvalidated(data: &tandem_data::synth::SynthData) -> TrainInput<'_> {
+    TrainInput {
+        log: &data.events,
+        user_features: None,
+        item_features: None,
+        validation: None,
+    }
+}
+
 fn configs() -> (ModelConfig, TrainConfig) {
     (
         ModelConfig {
@@ -104,12 +114,7 @@ fn a_trained_model_beats_popularity_on_structured_synthetic_data() {
 #[test]
 fn every_logq_estimator_trains_to_finite_losses() {
     let data = small();
-    let input = TrainInput {
-        log: &data.events,
-        user_features: None,
-        item_features: None,
-        validation: None,
-    };
+    let input = unvalidated(&data);
     let (mcfg, tcfg) = configs();
     for logq in [LogQ::Off, LogQ::Exact, LogQ::Cms, LogQ::Yi] {
         let tcfg = TrainConfig {
@@ -204,12 +209,7 @@ fn a_published_model_reloads_to_identical_embeddings_and_refuses_a_flipped_byte(
 #[test]
 fn unknown_users_and_items_embed_without_error() {
     let data = small();
-    let input = TrainInput {
-        log: &data.events,
-        user_features: None,
-        item_features: None,
-        validation: None,
-    };
+    let input = unvalidated(&data);
     let (mcfg, tcfg) = configs();
     let (model, _) = train(&input, &mcfg, &TrainConfig { epochs: 1, ..tcfg }, false).unwrap();
     let req = UserRequest {
@@ -237,12 +237,7 @@ fn unknown_users_and_items_embed_without_error() {
 #[test]
 fn the_fused_serving_forward_matches_the_candle_forward() {
     let data = small();
-    let input = TrainInput {
-        log: &data.events,
-        user_features: None,
-        item_features: None,
-        validation: None,
-    };
+    let input = unvalidated(&data);
     let (mcfg, tcfg) = configs();
     for cfg in [
         mcfg.clone(),

@@ -11,6 +11,7 @@
 pub mod clock;
 pub mod manifest;
 pub mod stats;
+pub mod vector;
 pub mod version;
 
 pub use manifest::{DataRange, ModelManifest};
