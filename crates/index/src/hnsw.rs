@@ -594,7 +594,8 @@ impl Hnsw {
             }
             off_b.push(upper_b.len() as u64);
         }
-        let entry = view.internal(h.entry);
+        // An empty index has no entry to translate.
+        let entry = if n == 0 { 0 } else { view.internal(h.entry) };
         let mut index = Hnsw {
             dot: crate::simd::select(),
             dim: h.dim,

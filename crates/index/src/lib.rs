@@ -604,6 +604,15 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_index_builds_answers_nothing_and_round_trips() {
+        let index = build(Vec::new(), 8, &HnswParams::default()).unwrap();
+        assert!(index.is_empty());
+        assert!(index.search(&[0.5; 8], 5, 16).is_empty());
+        let back = load(&index.to_bytes(), Engine::Tandem).unwrap();
+        assert!(back.is_empty() && back.search(&[0.5; 8], 5, 16).is_empty());
+    }
+
+    #[test]
     fn the_first_result_for_an_indexed_vector_is_itself() {
         let dim = 8;
         let data = synthetic_vectors(300, dim, 3, 0.6, 9);
