@@ -464,6 +464,18 @@ fn row(vectors: &[f32], dim: usize, id: u32) -> &[f32] {
     &vectors[s..s + dim]
 }
 
+/// Appends a node's upper-layer run (`[len, ids…]` per layer) to `out` with every id passed
+/// through `map`.
+fn renumber_run(run: &[u32], map: impl Fn(u32) -> u32, out: &mut Vec<u32>) {
+    let mut p = 0;
+    while p < run.len() {
+        let len = run[p] as usize;
+        out.push(run[p]);
+        out.extend(run[p + 1..p + 1 + len].iter().map(|&u| map(u)));
+        p += 1 + len;
+    }
+}
+
 /// Nested per-node upper-layer lists, flattened into offsets and `[len, ids…]` runs.
 fn flatten_upper(nested: Vec<Vec<Vec<u32>>>) -> (Vec<u64>, Vec<u32>) {
     let mut off = Vec::with_capacity(nested.len() + 1);
@@ -585,13 +597,7 @@ impl Hnsw {
             blocked.extend_from_slice(row(vectors, h.dim, r as u32));
             levels_b.push(levels[r]);
             let run = &upper[upper_off[r] as usize..upper_off[r + 1] as usize];
-            let mut p = 0;
-            while p < run.len() {
-                let len = run[p] as usize;
-                upper_b.push(run[p]);
-                upper_b.extend(run[p + 1..p + 1 + len].iter().map(|&u| view.internal(u)));
-                p += 1 + len;
-            }
+            renumber_run(run, |u| view.internal(u), &mut upper_b);
             off_b.push(upper_b.len() as u64);
         }
         // An empty index has no entry to translate.
@@ -647,11 +653,13 @@ impl Hnsw {
         let mut cq = crate::quant::CodeQuery::default();
         let mut found = 0usize;
         let mut wanted = 0usize;
+        let mut exact: Vec<(f32, u32)> = Vec::with_capacity(base.len());
+        let mut coded: Vec<(f32, u32)> = Vec::with_capacity(base.len());
         for &qb in &queries {
             let q = row(&self.vectors, self.dim, qb);
             view.prepare_into(q, &mut cq);
-            let mut exact: Vec<(f32, u32)> = Vec::with_capacity(base.len());
-            let mut coded: Vec<(f32, u32)> = Vec::with_capacity(base.len());
+            exact.clear();
+            coded.clear();
             for &b in base.iter().filter(|&&b| b != qb) {
                 exact.push((-(self.dot)(q, row(&self.vectors, self.dim, b)), b));
                 coded.push((-view.score(&cq, b), b));
@@ -1246,13 +1254,12 @@ impl AnnIndex for Hnsw {
         // The graph links block numbers (see `quant`): vector `b` is block `b`'s, and rows
         // come back through the block order at the end.
         let codes = self.codes.view();
-        let start = ep.id;
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
             scratch.visited.reset(n);
             if self.layout == Layout::F32 {
                 search_pool(
-                    Cand { d: ep.d, id: start },
+                    ep,
                     ef,
                     scratch,
                     |b| -dot(q, row(vectors, dim, b)),
@@ -1274,8 +1281,8 @@ impl AnnIndex for Hnsw {
             codes.prepare_into(q, &mut cq);
             search_pool(
                 Cand {
-                    d: -codes.score(&cq, start),
-                    id: start,
+                    d: -codes.score(&cq, ep.id),
+                    id: ep.id,
                 },
                 ef,
                 scratch,
@@ -1333,19 +1340,13 @@ mod tests {
         out.extend((0..n).map(|r| h.levels[h.codes.internal(r) as usize]));
         out.extend_from_slice(bytemuck::cast_slice(&len0));
         out.extend_from_slice(bytemuck::cast_slice(&links0));
+        let mut upper = Vec::new();
         for r in 0..n {
             let b = h.codes.internal(r) as usize;
             let run = &h.upper[h.upper_off[b] as usize..h.upper_off[b + 1] as usize];
-            let mut p = 0;
-            while p < run.len() {
-                let len = run[p] as usize;
-                out.extend_from_slice(&run[p].to_le_bytes());
-                for &u in &run[p + 1..p + 1 + len] {
-                    out.extend_from_slice(&h.codes.external(u).to_le_bytes());
-                }
-                p += 1 + len;
-            }
+            renumber_run(run, |u| h.codes.external(u), &mut upper);
         }
+        out.extend_from_slice(bytemuck::cast_slice(&upper));
         out
     }
 

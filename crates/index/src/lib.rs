@@ -181,13 +181,7 @@ pub fn load(bytes: &[u8], engine: Engine) -> Result<Box<dyn AnnIndex>> {
 /// [`load`] scoring layer 0 on `layout` (`Auto`: as the index was built).
 pub fn load_with(bytes: &[u8], engine: Engine, layout: Layout) -> Result<Box<dyn AnnIndex>> {
     Ok(match engine {
-        Engine::Tandem => {
-            let mut h = hnsw::Hnsw::from_bytes(bytes)?;
-            if layout != Layout::Auto {
-                h.set_layout(layout);
-            }
-            Box::new(h)
-        }
+        Engine::Tandem => with_layout(hnsw::Hnsw::from_bytes(bytes)?, layout),
         Engine::InstantDistance => Box::new(instant::Instant::from_bytes(bytes)?),
     })
 }
@@ -200,13 +194,7 @@ pub fn open_with(
     layout: Layout,
 ) -> Result<Box<dyn AnnIndex>> {
     Ok(match engine {
-        Engine::Tandem => {
-            let mut h = hnsw::Hnsw::open(path)?;
-            if layout != Layout::Auto {
-                h.set_layout(layout);
-            }
-            Box::new(h)
-        }
+        Engine::Tandem => with_layout(hnsw::Hnsw::open(path)?, layout),
         Engine::InstantDistance => {
             let bytes = std::fs::read(path).map_err(|source| IndexError::Io {
                 path: path.to_path_buf(),
@@ -215,6 +203,14 @@ pub fn open_with(
             Box::new(instant::Instant::from_bytes(&bytes)?)
         }
     })
+}
+
+/// A loaded index scoring layer 0 on `layout`, or as it was built for `Auto`.
+fn with_layout(mut h: hnsw::Hnsw, layout: Layout) -> Box<dyn AnnIndex> {
+    if layout != Layout::Auto {
+        h.set_layout(layout);
+    }
+    Box::new(h)
 }
 
 /// Brute-force search, the ground truth.

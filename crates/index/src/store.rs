@@ -22,7 +22,7 @@ use crate::{IndexError, Result};
 /// follows).
 pub const ALIGN: usize = 64;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(64))]
 struct Line([u8; ALIGN]);
 
@@ -67,14 +67,7 @@ impl Store {
 
     pub fn bytes(&self) -> &[u8] {
         match &self.0 {
-            Bytes::Heap { lines, len } => {
-                // SAFETY: `Line` is 64 plain bytes with no padding, so `lines` is
-                // `lines.len() * 64` initialised bytes, of which the first `len` are the file.
-                let all = unsafe {
-                    std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), lines.len() * ALIGN)
-                };
-                &all[..*len]
-            }
+            Bytes::Heap { lines, len } => &bytemuck::cast_slice::<Line, u8>(lines)[..*len],
             Bytes::Map(map) => map,
         }
     }
@@ -111,12 +104,6 @@ impl<T: Pod> Slab<T> {
             start,
             len,
         })
-    }
-}
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Slab::Owned(Vec::new())
     }
 }
 

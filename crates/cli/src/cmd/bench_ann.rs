@@ -65,9 +65,8 @@ pub struct AnnArgs {
 }
 
 pub fn run_ann(a: AnnArgs) -> Result<()> {
-    let (base, queries, dim) = match (&a.base, &a.queries) {
-        _ if a.model.is_some() => {
-            let dir = a.model.as_deref().expect("checked");
+    let (base, queries, dim) = match (&a.model, &a.base, &a.queries) {
+        (Some(dir), _, _) => {
             let model = tandem_model::TwoTower::load(crate::args::model_dir(dir)?)?;
             let (base, dim, _) = tandem_pipeline::index::item_vectors(&model)?;
             let (queries, source) = match &a.events {
@@ -95,7 +94,7 @@ pub fn run_ann(a: AnnArgs) -> Result<()> {
             );
             (base, queries, dim)
         }
-        (Some(b), Some(q)) => {
+        (None, Some(b), Some(q)) => {
             let (mut base, dim) = read_fvecs(b, None)?;
             let (mut queries, qdim) = read_fvecs(q, None)?;
             if dim != qdim {
