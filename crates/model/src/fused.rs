@@ -9,10 +9,9 @@
 //! 1e-6. Other encoders (attention, transformer) keep the candle path.
 
 use candle_core::Tensor;
-
-use crate::config::UserEncoder;
 use tandem_types::vector::dot;
 
+use crate::config::UserEncoder;
 use crate::towers::{UserInput, CONTEXT_DIM};
 use crate::Result;
 
@@ -57,21 +56,20 @@ fn grow(out: &mut Vec<f32>, width: usize) -> &mut [f32] {
     &mut out[s..]
 }
 
-/// Writes the mean of the rows of `ids` that are not 0 (padding) to `out`; all zeros when every
-/// id is padding (`out` is left as it is, zeros).
+/// Writes the mean of the rows of `ids` that are not 0 (padding) to `out`, which holds zeros;
+/// when every id is padding it stays zeros.
 fn masked_mean(table: &[f32], d: usize, ids: &[u32], out: &mut [f32]) {
     let live = ids.iter().filter(|&&i| i != 0).count();
     if live == 0 {
         return;
     }
-    let mut acc = vec![0f32; d];
     for &i in ids.iter().filter(|&&i| i != 0) {
         if let Some(r) = row_of(table, d, i) {
-            acc.iter_mut().zip(r).for_each(|(a, x)| *a += x);
+            out.iter_mut().zip(r).for_each(|(o, x)| *o += x);
         }
     }
     let n = live as f32;
-    out.iter_mut().zip(&acc).for_each(|(o, a)| *o = a / n);
+    out.iter_mut().for_each(|o| *o /= n);
 }
 
 impl FusedUser {
