@@ -38,6 +38,8 @@ impl Default for BenchShape {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
+    /// Trainable values: embedding tables, dense layers and the temperature.
+    pub parameters: usize,
     pub steps: usize,
     pub examples_per_sec: f64,
     pub ms_per_step: f64,
@@ -91,6 +93,7 @@ pub fn bench_train(shape: &BenchShape, steps: usize) -> Result<BenchResult> {
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(BenchResult {
+        parameters: t.parameters(),
         steps,
         examples_per_sec: (steps * shape.batch_size) as f64 / secs,
         ms_per_step: secs * 1000.0 / steps.max(1) as f64,

@@ -28,6 +28,7 @@ pub mod loss;
 pub mod model;
 pub mod params;
 pub mod publish;
+pub mod rowmix;
 pub mod sequence;
 pub mod towers;
 pub mod train;

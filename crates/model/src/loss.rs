@@ -16,31 +16,142 @@
 //! [`full_softmax_loss`] is the exact softmax over the whole catalogue (no sampling, so no
 //! correction): the strongest training signal where scoring every item per step is affordable.
 
-use candle_core::{Result, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Value added to masked logits.
 const MASKED: f32 = -1e9;
 
-/// Whether `item` is in the sorted list `seen`.
-fn in_sorted(seen: &[u32], item: u32) -> bool {
-    seen.binary_search(&item).is_ok()
+/// Weighted mean of `−log softmax(logits + bias)[r, labels[r]]` over the rows, as one op: the
+/// forward keeps each row's log-sum-exp and the backward is `(softmax − one-hot) · w_r`, so a
+/// `(B × C)` logit matrix costs two passes instead of a chain of element-wise tensors (bias add,
+/// max, exp, sum, log, gather and each of their gradients).
+struct SoftmaxXent {
+    /// `(B × C)`, added to the logits.
+    bias: Vec<f32>,
+    labels: Vec<u32>,
+    /// Per row weight, normalised to sum 1.
+    weights: Vec<f32>,
+    /// Each row's log-sum-exp, from the forward.
+    lse: Mutex<Vec<f32>>,
 }
 
-/// Weighted mean of `−log softmax(logits)[r, labels[r]]` over the rows.
-fn cross_entropy(logits: &Tensor, labels: Vec<u32>, weights: Option<&[f32]>) -> Result<Tensor> {
-    let b = labels.len();
-    let dev = logits.device();
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let labels = Tensor::from_vec(labels, (b, 1), dev)?;
-    let picked = log_probs.gather(&labels, 1)?.squeeze(1)?;
-    match weights {
-        None => picked.mean_all()?.neg(),
-        Some(w) => {
-            let total: f32 = w.iter().sum::<f32>().max(1e-12);
-            let w = Tensor::from_slice(w, b, dev)?;
-            (picked * w)?.sum_all()?.neg()? / total as f64
+impl SoftmaxXent {
+    fn new(b: usize, c: usize, bias: Vec<f32>, labels: Vec<u32>, weights: Option<&[f32]>) -> Self {
+        debug_assert_eq!(bias.len(), b * c);
+        let weights = match weights {
+            None => vec![1.0 / b.max(1) as f32; b],
+            Some(w) => {
+                let total: f32 = w.iter().sum::<f32>().max(1e-12);
+                w.iter().map(|x| x / total).collect()
+            }
+        };
+        SoftmaxXent {
+            bias,
+            labels,
+            weights,
+            lse: Mutex::new(Vec::new()),
         }
     }
+
+    fn check(&self, b: usize, c: usize) -> Result<()> {
+        if b != self.labels.len() || b * c != self.bias.len() {
+            candle_core::bail!(
+                "softmax loss over {b}×{c} logits with {} labels",
+                self.labels.len()
+            );
+        }
+        if let Some(&l) = self.labels.iter().find(|&&l| l as usize >= c) {
+            candle_core::bail!("label {l} out of {c} columns");
+        }
+        Ok(())
+    }
+}
+
+/// The contiguous f32 values of a CPU tensor's storage.
+fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("the softmax loss needs contiguous logits");
+    };
+    Ok(&storage.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp1 for SoftmaxXent {
+    fn name(&self) -> &'static str {
+        "softmax-xent"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c) = layout.shape().dims2()?;
+        self.check(b, c)?;
+        let x = values(storage, layout)?;
+        let mut lse = vec![0f32; b];
+        lse.par_iter_mut()
+            .zip(x.par_chunks(c.max(1)))
+            .zip(self.bias.par_chunks(c.max(1)))
+            .for_each(|((lse, x), bias)| {
+                let max = x
+                    .iter()
+                    .zip(bias)
+                    .map(|(x, b)| x + b)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = x.iter().zip(bias).map(|(x, b)| (x + b - max).exp()).sum();
+                *lse = max + sum.ln();
+            });
+        let loss: f64 = (0..b)
+            .map(|r| {
+                let l = self.labels[r] as usize;
+                let z = x[r * c + l] + self.bias[r * c + l];
+                self.weights[r] as f64 * (lse[r] - z) as f64
+            })
+            .sum();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.to_scalar::<f32>()?;
+        let (b, c) = arg.dims2()?;
+        let arg = arg.contiguous()?;
+        let (storage, layout) = arg.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("the softmax loss runs on the CPU");
+        };
+        let x = values(cpu, layout)?;
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let mut grad = vec![0f32; b * c];
+        grad.par_chunks_mut(c.max(1))
+            .enumerate()
+            .for_each(|(r, out)| {
+                let scale = g * self.weights[r];
+                let (x, bias) = (&x[r * c..][..c], &self.bias[r * c..][..c]);
+                for ((o, x), bias) in out.iter_mut().zip(x).zip(bias) {
+                    *o = scale * (x + bias - lse[r]).exp();
+                }
+                out[self.labels[r] as usize] -= scale;
+            });
+        Ok(Some(Tensor::from_vec(grad, (b, c), arg.device())?))
+    }
+}
+
+/// The weighted softmax cross-entropy of `users · candsᵀ / τ + bias` (label of row `r`:
+/// `labels[r]`). `1/τ` scales the users rather than the `(B × C)` logits: the same product,
+/// and the temperature's gradient flows through `B × d` values.
+fn scaled_xent(
+    users: &Tensor,
+    cands: &Tensor,
+    inv_tau: &Tensor,
+    bias: Vec<f32>,
+    labels: Vec<u32>,
+    weights: Option<&[f32]>,
+) -> Result<Tensor> {
+    let (b, c) = (users.dim(0)?, cands.dim(0)?);
+    let logits = users.broadcast_mul(inv_tau)?.matmul(&cands.t()?)?;
+    logits
+        .contiguous()?
+        .apply_op1(SoftmaxXent::new(b, c, bias, labels, weights))
 }
 
 /// Weighted mean cross-entropy of the corrected logits.
@@ -63,20 +174,33 @@ pub fn sampled_softmax_loss(
 ) -> Result<Tensor> {
     let b = targets.len();
     let c = cand_ids.len();
-    let dev = users.device();
-    let mut bias = vec![0f32; b * c];
+    let mut bias: Vec<f32> = (0..b).flat_map(|_| log_q.iter().map(|q| -q)).collect();
+    // Columns of each candidate item (an item can be both a positive and a uniform sample).
+    let mut order: Vec<(u32, u32)> = cand_ids.iter().zip(0..).map(|(&i, j)| (i, j)).collect();
+    order.sort_unstable();
+    let columns = |item: u32| {
+        let from = order.partition_point(|&(i, _)| i < item);
+        order[from..]
+            .iter()
+            .take_while(move |&&(i, _)| i == item)
+            .map(|&(_, j)| j as usize)
+    };
     for r in 0..b {
         let row_seen: &[u32] = seen.map_or(&[], |s| &s[r]);
-        for j in 0..c {
-            let masked = j != r && (cand_ids[j] == targets[r] || in_sorted(row_seen, cand_ids[j]));
-            bias[r * c + j] = if masked { MASKED } else { -log_q[j] };
+        for item in std::iter::once(targets[r]).chain(row_seen.iter().copied()) {
+            for j in columns(item).filter(|&j| j != r) {
+                bias[r * c + j] = MASKED;
+            }
         }
     }
-    let logits = users
-        .matmul(&cands.t()?)?
-        .broadcast_mul(inv_tau)?
-        .add(&Tensor::from_vec(bias, (b, c), dev)?)?;
-    cross_entropy(&logits, (0..b as u32).collect(), weights)
+    scaled_xent(
+        users,
+        cands,
+        inv_tau,
+        bias,
+        (0..b as u32).collect(),
+        weights,
+    )
 }
 
 /// The exact softmax over the whole catalogue: `items` is `(N, d)` with row `i` the embedding of
@@ -92,7 +216,6 @@ pub fn full_softmax_loss(
 ) -> Result<Tensor> {
     let b = targets.len();
     let n = items.dim(0)?;
-    let dev = users.device();
     let mut bias = vec![0f32; b * n];
     for r in 0..b {
         let row = &mut bias[r * n..(r + 1) * n];
@@ -105,11 +228,7 @@ pub fn full_softmax_loss(
             }
         }
     }
-    let logits = users
-        .matmul(&items.t()?)?
-        .broadcast_mul(inv_tau)?
-        .add(&Tensor::from_vec(bias, (b, n), dev)?)?;
-    cross_entropy(&logits, targets.to_vec(), weights)
+    scaled_xent(users, items, inv_tau, bias, targets.to_vec(), weights)
 }
 
 #[cfg(test)]

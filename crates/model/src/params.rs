@@ -9,10 +9,37 @@
 //! under candle's AdamW.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use candle_core::{Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::rowmix::{mix, RowMix};
+
+/// A hasher for table row ids: one multiply and a fold (the map is rebuilt every step over tens
+/// of thousands of ids, where SipHash showed up in profiles).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(b as u32);
+        }
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.0 = (self.0 ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
 /// A standard normal sample (Box–Muller), so initialisation depends only on our seeded RNG.
 pub fn normal(rng: &mut ChaCha8Rng) -> f32 {
@@ -47,9 +74,9 @@ pub struct SparseTable {
 /// The rows of a table that one step uses, as a differentiable leaf.
 pub struct Gathered {
     pub leaf: Var,
-    /// Table row of each leaf row.
+    /// Table row of each leaf row, increasing.
     pub rows: Vec<u32>,
-    local: HashMap<u32, u32>,
+    local: IdMap<u32>,
 }
 
 impl SparseTable {
@@ -67,19 +94,20 @@ impl SparseTable {
         Tensor::from_vec(self.data.clone(), (self.rows, self.dim), dev)
     }
 
-    /// Gathers the distinct rows among `ids` into a leaf variable.
+    /// Gathers the distinct rows among `ids` (in increasing order) into a leaf variable.
     pub fn gather<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a u32>,
         dev: &Device,
     ) -> Result<Gathered> {
-        let mut local = HashMap::new();
-        let mut rows = Vec::new();
-        for &id in ids {
-            local.entry(id).or_insert_with(|| {
-                rows.push(id);
-                (rows.len() - 1) as u32
-            });
+        // Sorted distinct rows: the leaf reads the table in order, and the update can split the
+        // table into disjoint rows.
+        let mut rows: Vec<u32> = ids.into_iter().copied().collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let mut local = IdMap::with_capacity_and_hasher(rows.len(), Default::default());
+        for (k, &r) in rows.iter().enumerate() {
+            local.insert(r, k as u32);
         }
         let mut buf = Vec::with_capacity(rows.len() * self.dim);
         for &r in &rows {
@@ -90,36 +118,115 @@ impl SparseTable {
         Ok(Gathered { leaf, rows, local })
     }
 
-    /// One lazy AdamW step on the gathered rows, given the gradient of the leaf.
+    /// One lazy AdamW step on the gathered rows, given the gradient of the leaf, in place and
+    /// in parallel.
     pub fn apply(&mut self, g: &Gathered, grad: &Tensor, opt: &AdamW, step: u64) -> Result<()> {
-        let grad = grad.flatten_all()?.to_vec1::<f32>()?;
-        let (b1, b2) = (opt.beta1, opt.beta2);
-        let bc1 = 1.0 - b1.powi(step as i32);
-        let bc2 = 1.0 - b2.powi(step as i32);
-        let lr = opt.lr as f32;
-        let decay = (1.0 - opt.lr * opt.weight_decay) as f32;
-        for (k, &row) in g.rows.iter().enumerate() {
-            let base = row as usize * self.dim;
-            for d in 0..self.dim {
-                let gi = grad[k * self.dim + d];
-                let j = base + d;
-                self.m[j] = (b1 as f32) * self.m[j] + (1.0 - b1 as f32) * gi;
-                self.v[j] = (b2 as f32) * self.v[j] + (1.0 - b2 as f32) * gi * gi;
-                let mh = self.m[j] / bc1 as f32;
-                let vh = self.v[j] / bc2 as f32;
-                self.data[j] = self.data[j] * decay - lr * mh / (vh.sqrt() + opt.eps as f32);
-            }
+        let grad = grad.contiguous()?;
+        let (storage, layout) = grad.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("sparse tables train on the CPU");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("a contiguous gradient was expected");
+        };
+        let grad = &cpu.as_slice::<f32>()?[a..b];
+        let dim = self.dim;
+        if grad.len() != g.rows.len() * dim {
+            candle_core::bail!(
+                "gradient of {} values for {} rows of {dim}",
+                grad.len(),
+                g.rows.len()
+            );
         }
+        let step = RowStep::new(opt, step);
+        // Gathered rows are sorted and distinct, so the three buffers split into disjoint
+        // mutable rows that threads can update independently.
+        let w = rows_mut(&mut self.data, &g.rows, dim);
+        let m = rows_mut(&mut self.m, &g.rows, dim);
+        let v = rows_mut(&mut self.v, &g.rows, dim);
+        let work = w.into_par_iter().zip(m).zip(v).zip(grad.par_chunks(dim));
+        work.with_min_len((1 << 14) / dim.max(1))
+            .for_each(|(((w, m), v), g)| step.update(w, m, v, g));
         Ok(())
+    }
+}
+
+/// The rows `rows` (sorted, distinct) of a row-major buffer of width `dim`, as disjoint
+/// mutable slices.
+fn rows_mut<'a>(buf: &'a mut [f32], rows: &[u32], dim: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut rest = buf;
+    let mut at = 0;
+    for &r in rows {
+        let r = r as usize;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((r - at) * dim);
+        let (row, tail) = tail.split_at_mut(dim);
+        out.push(row);
+        rest = tail;
+        at = r + 1;
+    }
+    out
+}
+
+/// AdamW's constants for one step, bias corrections folded in.
+struct RowStep {
+    b1: f32,
+    b2: f32,
+    /// `lr / (1 − β1^t)`.
+    lr_c: f32,
+    /// `1 / sqrt(1 − β2^t)`.
+    v_c: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl RowStep {
+    fn new(opt: &AdamW, step: u64) -> RowStep {
+        let bc1 = 1.0 - opt.beta1.powi(step as i32);
+        let bc2 = 1.0 - opt.beta2.powi(step as i32);
+        RowStep {
+            b1: opt.beta1 as f32,
+            b2: opt.beta2 as f32,
+            lr_c: (opt.lr / bc1) as f32,
+            v_c: (1.0 / bc2.sqrt()) as f32,
+            eps: opt.eps as f32,
+            decay: (1.0 - opt.lr * opt.weight_decay) as f32,
+        }
+    }
+
+    fn update(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+            *m = self.b1 * *m + (1.0 - self.b1) * g;
+            *v = self.b2 * *v + (1.0 - self.b2) * g * g;
+            *w = *w * self.decay - self.lr_c * *m / (v.sqrt() * self.v_c + self.eps);
+        }
     }
 }
 
 impl Gathered {
     /// Embeddings of `ids` (each must have been gathered), shape `(ids.len(), dim)`.
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let local: Vec<u32> = ids.iter().map(|id| self.local[id]).collect();
-        let idx = Tensor::from_vec(local, ids.len(), self.leaf.device())?;
-        self.leaf.as_tensor().index_select(&idx, 0)
+        let mut m = RowMix::new(self.rows.len());
+        for id in ids {
+            m.push(self.local[id], 1.0);
+            m.end_row();
+        }
+        mix(self.leaf.as_tensor(), m)
+    }
+
+    /// The mean embedding of each row of `ids` (`b` rows of `width`, 0 = padding, skipped);
+    /// rows with no id give zeros.
+    pub fn mean_pool(&self, ids: &[u32], width: usize) -> Result<Tensor> {
+        let mut m = RowMix::new(self.rows.len());
+        for chunk in ids.chunks(width) {
+            let n = chunk.iter().filter(|&&i| i != 0).count();
+            let share = 1.0 / n.max(1) as f32;
+            for i in chunk.iter().filter(|&&i| i != 0) {
+                m.push(self.local[i], share);
+            }
+            m.end_row();
+        }
+        mix(self.leaf.as_tensor(), m)
     }
 }
 
@@ -132,9 +239,8 @@ pub enum Table<'a> {
 
 impl Table<'_> {
     /// The mean embedding of each row of `ids` (`b` rows of `width`, 0 = padding, skipped);
-    /// rows with no id give zeros. On gathered rows this is one `(b × rows) · (rows × d)`
-    /// product with a sparse-in-spirit weight matrix, instead of materialising `b · width`
-    /// embeddings and their gradient.
+    /// rows with no id give zeros. On gathered rows this is one sparse row mix (a gather in
+    /// both directions), instead of materialising `b · width` embeddings and their gradient.
     pub fn mean_pool(&self, ids: &[u32], b: usize, width: usize) -> Result<Tensor> {
         match self {
             Table::Full(t) => {
@@ -150,19 +256,8 @@ impl Table<'_> {
                 emb.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)
             }
             Table::Gathered(g) => {
-                let rows = g.rows.len();
-                let mut w = vec![0f32; b * rows];
-                for (r, chunk) in ids.chunks(width).enumerate() {
-                    let n = chunk.iter().filter(|&&i| i != 0).count();
-                    if n == 0 {
-                        continue;
-                    }
-                    let share = 1.0 / n as f32;
-                    for &i in chunk.iter().filter(|&&i| i != 0) {
-                        w[r * rows + g.local[&i] as usize] += share;
-                    }
-                }
-                Tensor::from_vec(w, (b, rows), g.leaf.device())?.matmul(g.leaf.as_tensor())
+                debug_assert_eq!(ids.len(), b * width);
+                g.mean_pool(ids, width)
             }
         }
     }

@@ -527,6 +527,27 @@ impl Trainer {
         })
     }
 
+    /// Trainable values: every table's rows, the dense layers and the temperature.
+    pub(crate) fn parameters(&self) -> usize {
+        let tables = [
+            &self.user_id,
+            &self.user_feat,
+            &self.item_id,
+            &self.item_feat,
+        ]
+        .iter()
+        .map(|t| t.rows * t.dim)
+        .sum::<usize>();
+        let dense = self
+            .user_tower
+            .named_vars()
+            .into_iter()
+            .chain(self.item_tower.named_vars())
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>();
+        tables + dense + 1
+    }
+
     /// Encodes a batch: user inputs with id dropout, targets, weights and (for masking) what
     /// each row's user had seen.
     fn encode(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Batch {
