@@ -17,7 +17,7 @@ It builds the same model, loss and optimiser as the Rust bench on the same synth
   differentiated, and only those rows of the table and of its moments are updated).
 
 Usage: python3 bench/torch_ref.py [--threads 1] [--steps 20] [--batch-size 1024]
-       [--items 100000] [--users 20000] [--device cpu|cuda]
+       [--items 100000] [--users 20000] [--device cpu|cuda] [--compile]
 Prints one JSON line shaped like `tandem bench train --threads N`.
 """
 
@@ -98,6 +98,7 @@ def main():
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the two MLPs")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -116,6 +117,9 @@ def main():
     user_mlp = mlp(2 * DIM + 4, dev)
     item_mlp = mlp(DIM, dev)
     dense = list(user_mlp.parameters()) + list(item_mlp.parameters())
+    if a.compile:
+        user_mlp = torch.compile(user_mlp, dynamic=False)
+        item_mlp = torch.compile(item_mlp, dynamic=False)
     opt = torch.optim.AdamW(dense, lr=LR, weight_decay=WD)
     params = sum(t.data.numel() for t in (user_id, user_feat, item_id, item_feat))
     params += sum(p.numel() for p in dense) + 1  # + the temperature, as in tandem
@@ -209,6 +213,7 @@ def main():
         "torch": torch.__version__,
         "threads": a.threads,
         "device": str(dev),
+        "compiled": a.compile,
         "parameters": params,
         "shape": {
             "users": n_users,

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use tandem_model::config::{LogQ, ModelConfig, Negatives, Targets, TrainConfig, UserEncoder};
+use tandem_model::config::{
+    LogQ, ModelConfig, Negatives, Targets, TrainConfig, TrainDevice, UserEncoder,
+};
 
 /// `[model]` and `[train]` of a TOML file; other sections (a retrain.toml's) are ignored.
 #[derive(serde::Deserialize, Default)]
@@ -88,6 +90,10 @@ pub struct Hyper {
     /// [default: 1]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where training steps run: cpu, cuda or cuda:N (CUDA needs a build with `--features
+    /// cuda`) [default: cpu].
+    #[arg(long)]
+    pub device: Option<TrainDevice>,
 
     /// Output embedding dimension [default: 64].
     #[arg(long)]
@@ -148,6 +154,7 @@ impl Hyper {
         set!(t.patience, self.patience);
         set!(t.max_validation_users, self.max_validation_users);
         set!(t.seed, self.seed);
+        set!(t.device, self.device);
         t.learn_temperature |= self.learn_temperature;
         t.mask_seen &= !self.no_mask_seen;
         t.refit &= !self.no_refit;
@@ -165,6 +172,10 @@ impl Hyper {
             m.use_user_id = false;
         }
         check(&m, &t)?;
+        // Refuse an unusable device before reading any data.
+        t.device
+            .open()
+            .with_context(|| format!("--device {}", t.device))?;
         Ok((m, t))
     }
 }

@@ -192,6 +192,28 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
         "invalid value 'bogus'",
     );
     fails_with(
+        &["train", "--events", p(&bad), "--device", "gpu"],
+        "unknown device \"gpu\"",
+    );
+    // A build without the `cuda` feature says so instead of training on the CPU.
+    if !cfg!(feature = "cuda") {
+        let good = dir.path().join("good.csv");
+        std::fs::write(&good, "user_id,item_id,timestamp\nu,i,1\nu,j,2\nv,i,3\n").unwrap();
+        fails_with(
+            &[
+                "train",
+                "--events",
+                p(&good),
+                "--out",
+                out,
+                "--device",
+                "cuda:0",
+            ],
+            "built without CUDA support",
+        );
+        assert!(!artifacts.exists());
+    }
+    fails_with(
         &["eval", "--events", p(&bad), "--protocol", "random"],
         "invalid value 'random'",
     );

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{ModelConfig, TrainConfig, TrainDevice};
 use crate::encode::EntityVocab;
 use crate::train::{Example, Sequences, Trainer};
 use crate::Result;
@@ -46,7 +46,7 @@ pub struct BenchResult {
 }
 
 /// Times `steps` training steps (after 3 warm-up steps) on random full-length histories.
-pub fn bench_train(shape: &BenchShape, steps: usize) -> Result<BenchResult> {
+pub fn bench_train(shape: &BenchShape, steps: usize, device: TrainDevice) -> Result<BenchResult> {
     let cfg = ModelConfig {
         dim: shape.dim,
         id_dim: shape.dim,
@@ -56,6 +56,7 @@ pub fn bench_train(shape: &BenchShape, steps: usize) -> Result<BenchResult> {
     };
     let tcfg = TrainConfig {
         batch_size: shape.batch_size,
+        device,
         ..Default::default()
     };
     let user_ids: Vec<String> = (0..shape.users).map(|u| format!("u{u}")).collect();

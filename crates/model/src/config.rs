@@ -218,6 +218,57 @@ pub struct TrainConfig {
     /// Cap on validation users scored per epoch (a seeded sample).
     pub max_validation_users: usize,
     pub seed: u64,
+    /// Where the training steps run. Not part of what a model is: never written with it.
+    #[serde(skip)]
+    pub device: TrainDevice,
+}
+
+/// Where training runs (`--device cpu|cuda[:N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainDevice {
+    #[default]
+    Cpu,
+    /// The CUDA GPU of this ordinal (needs a build with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl TrainDevice {
+    /// The candle device; a clear error where this build has no CUDA support.
+    pub fn open(self) -> candle_core::Result<candle_core::Device> {
+        match self {
+            TrainDevice::Cpu => Ok(candle_core::Device::Cpu),
+            TrainDevice::Cuda(n) if candle_core::utils::cuda_is_available() => {
+                candle_core::Device::new_cuda(n)
+            }
+            TrainDevice::Cuda(_) => Err(candle_core::Error::Msg(
+                "this tandem was built without CUDA support: rebuild with `--features cuda`".into(),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for TrainDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainDevice::Cpu => f.write_str("cpu"),
+            TrainDevice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for TrainDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown device {s:?} (expected cpu, cuda or cuda:N)");
+        match s {
+            "cpu" => Ok(TrainDevice::Cpu),
+            "cuda" => Ok(TrainDevice::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
+                n.parse().map(TrainDevice::Cuda).map_err(|_| bad())
+            }
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -242,6 +293,30 @@ impl Default for TrainConfig {
             early_stopping_metric: "recall@50+ndcg@10".into(),
             max_validation_users: 3000,
             seed: 1,
+            device: TrainDevice::Cpu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print_back() {
+        for (text, device) in [
+            ("cpu", TrainDevice::Cpu),
+            ("cuda", TrainDevice::Cuda(0)),
+            ("cuda:3", TrainDevice::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<TrainDevice>().unwrap(), device);
+        }
+        assert_eq!(TrainDevice::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            assert!(bad
+                .parse::<TrainDevice>()
+                .unwrap_err()
+                .contains("unknown device"));
         }
     }
 }

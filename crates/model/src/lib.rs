@@ -19,6 +19,8 @@
 
 pub mod bench;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod ease;
 pub mod encode;
 pub mod eval;

@@ -16,26 +16,23 @@
 //! [`full_softmax_loss`] is the exact softmax over the whole catalogue (no sampling, so no
 //! correction): the strongest training signal where scoring every item per step is affordable.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Value added to masked logits.
 const MASKED: f32 = -1e9;
 
-/// Weighted mean of `−log softmax(logits + bias)[r, labels[r]]` over the rows, as one op: the
-/// forward keeps each row's log-sum-exp and the backward is `(softmax − one-hot) · w_r`, so a
-/// `(B × C)` logit matrix costs two passes instead of a chain of element-wise tensors (bias add,
-/// max, exp, sum, log, gather and each of their gradients).
+/// Each row's weighted `−log softmax(logits + bias)[r, labels[r]]`, as one op (its sum is the
+/// weighted mean loss): the forward is a log-sum-exp pass per row and the backward
+/// ([`XentGrad`]) is `(softmax − one-hot) · w_r`, so a `(B × C)` logit matrix costs two passes
+/// instead of a chain of element-wise tensors (bias add, max, exp, sum, log, gather and each of
+/// their gradients).
 struct SoftmaxXent {
     /// `(B × C)`, added to the logits.
     bias: Vec<f32>,
     labels: Vec<u32>,
     /// Per row weight, normalised to sum 1.
     weights: Vec<f32>,
-    /// Each row's log-sum-exp, from the forward.
-    lse: Mutex<Vec<f32>>,
 }
 
 impl SoftmaxXent {
@@ -52,11 +49,11 @@ impl SoftmaxXent {
             bias,
             labels,
             weights,
-            lse: Mutex::new(Vec::new()),
         }
     }
 
-    fn check(&self, b: usize, c: usize) -> Result<()> {
+    fn check(&self, layout: &Layout) -> Result<(usize, usize)> {
+        let (b, c) = layout.shape().dims2()?;
         if b != self.labels.len() || b * c != self.bias.len() {
             candle_core::bail!(
                 "softmax loss over {b}×{c} logits with {} labels",
@@ -66,7 +63,18 @@ impl SoftmaxXent {
         if let Some(&l) = self.labels.iter().find(|&&l| l as usize >= c) {
             candle_core::bail!("label {l} out of {c} columns");
         }
-        Ok(())
+        Ok((b, c))
+    }
+
+    /// Row `r`'s log-sum-exp of `x + bias`.
+    fn lse(x: &[f32], bias: &[f32]) -> f32 {
+        let max = x
+            .iter()
+            .zip(bias)
+            .map(|(x, b)| x + b)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = x.iter().zip(bias).map(|(x, b)| (x + b - max).exp()).sum();
+        max + sum.ln()
     }
 }
 
@@ -84,55 +92,88 @@ impl CustomOp1 for SoftmaxXent {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c) = layout.shape().dims2()?;
-        self.check(b, c)?;
+        let (b, c) = self.check(layout)?;
         let x = values(storage, layout)?;
-        let mut lse = vec![0f32; b];
-        lse.par_iter_mut()
-            .zip(x.par_chunks(c.max(1)))
-            .zip(self.bias.par_chunks(c.max(1)))
-            .for_each(|((lse, x), bias)| {
-                let max = x
-                    .iter()
-                    .zip(bias)
-                    .map(|(x, b)| x + b)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = x.iter().zip(bias).map(|(x, b)| (x + b - max).exp()).sum();
-                *lse = max + sum.ln();
-            });
-        let loss: f64 = (0..b)
-            .map(|r| {
-                let l = self.labels[r] as usize;
-                let z = x[r * c + l] + self.bias[r * c + l];
-                self.weights[r] as f64 * (lse[r] - z) as f64
-            })
-            .sum();
-        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        let mut loss = vec![0f32; b];
+        loss.par_iter_mut().enumerate().for_each(|(r, out)| {
+            let (xr, br) = (&x[r * c..][..c], &self.bias[r * c..][..c]);
+            let l = self.labels[r] as usize;
+            *out = self.weights[r] * (Self::lse(xr, br) - (xr[l] + br[l]));
+        });
+        Ok((CpuStorage::F32(loss), Shape::from(b)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, c) = self.check(layout)?;
+        let out = crate::cuda::xent_rows(
+            storage,
+            layout,
+            b,
+            c,
+            &self.bias,
+            &self.labels,
+            &self.weights,
+        )?;
+        Ok((out, Shape::from(b)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_scalar::<f32>()?;
-        let (b, c) = arg.dims2()?;
-        let arg = arg.contiguous()?;
-        let (storage, layout) = arg.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("the softmax loss runs on the CPU");
-        };
-        let x = values(cpu, layout)?;
-        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        let g = grad_res.to_vec1::<f32>()?;
+        let grad = arg
+            .contiguous()?
+            .apply_op1_no_bwd(&XentGrad { xent: self, g })?;
+        Ok(Some(grad))
+    }
+}
+
+/// The gradient of [`SoftmaxXent`] with respect to its logits, given each row's upstream
+/// gradient.
+struct XentGrad<'a> {
+    xent: &'a SoftmaxXent,
+    g: Vec<f32>,
+}
+
+impl CustomOp1 for XentGrad<'_> {
+    fn name(&self) -> &'static str {
+        "softmax-xent-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = self.xent;
+        let (b, c) = s.check(layout)?;
+        let x = values(storage, layout)?;
         let mut grad = vec![0f32; b * c];
         grad.par_chunks_mut(c.max(1))
             .enumerate()
             .for_each(|(r, out)| {
-                let scale = g * self.weights[r];
-                let (x, bias) = (&x[r * c..][..c], &self.bias[r * c..][..c]);
-                for ((o, x), bias) in out.iter_mut().zip(x).zip(bias) {
-                    *o = scale * (x + bias - lse[r]).exp();
+                let scale = self.g[r] * s.weights[r];
+                let (xr, br) = (&x[r * c..][..c], &s.bias[r * c..][..c]);
+                let lse = SoftmaxXent::lse(xr, br);
+                for ((o, x), bias) in out.iter_mut().zip(xr).zip(br) {
+                    *o = scale * (x + bias - lse).exp();
                 }
-                out[self.labels[r] as usize] -= scale;
+                out[s.labels[r] as usize] -= scale;
             });
-        Ok(Some(Tensor::from_vec(grad, (b, c), arg.device())?))
+        Ok((CpuStorage::F32(grad), Shape::from((b, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let s = self.xent;
+        let (b, c) = s.check(layout)?;
+        let out = crate::cuda::xent_grad(
+            storage, layout, b, c, &s.bias, &s.labels, &s.weights, &self.g,
+        )?;
+        Ok((out, Shape::from((b, c))))
     }
 }
 
@@ -151,7 +192,8 @@ fn scaled_xent(
     let logits = users.broadcast_mul(inv_tau)?.matmul(&cands.t()?)?;
     logits
         .contiguous()?
-        .apply_op1(SoftmaxXent::new(b, c, bias, labels, weights))
+        .apply_op1(SoftmaxXent::new(b, c, bias, labels, weights))?
+        .sum_all()
 }
 
 /// Weighted mean cross-entropy of the corrected logits.

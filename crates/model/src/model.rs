@@ -413,7 +413,8 @@ impl Tensors {
     pub(crate) fn copies(vars: Vec<(String, Var)>) -> Result<Self> {
         let map = vars
             .into_iter()
-            .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+            // Snapshots are inference models: in host memory whatever device trained them.
+            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?.copy()?)))
             .collect::<Result<_>>()?;
         Ok(Tensors {
             file: "snapshot".into(),

@@ -62,13 +62,16 @@ pub struct AdamW {
 }
 
 /// An embedding table trained with sparse (lazy) AdamW updates.
-#[derive(Debug, Clone)]
 pub struct SparseTable {
     pub rows: usize,
     pub dim: usize,
+    /// The weights and Adam moments in host memory (empty once the table moved to a GPU).
     pub data: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// GPU training: the table and its moments live on the device, gathered and updated there.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::DeviceTable>,
 }
 
 /// The rows of a table that one step uses, as a differentiable leaf.
@@ -87,10 +90,32 @@ impl SparseTable {
             data: normal_vec(rng, rows * dim, std),
             m: vec![0.0; rows * dim],
             v: vec![0.0; rows * dim],
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
     }
 
+    /// Moves the table to `dev` when that is a GPU (a no-op on the CPU).
+    pub fn place(&mut self, dev: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() && self.gpu.is_none() {
+            let data = std::mem::take(&mut self.data);
+            self.gpu = Some(crate::cuda::DeviceTable::new(
+                data, self.rows, self.dim, dev,
+            )?);
+            self.m = Vec::new();
+            self.v = Vec::new();
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = dev;
+        Ok(())
+    }
+
     pub fn to_tensor(&self, dev: &Device) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.weights.to_device(dev);
+        }
         Tensor::from_vec(self.data.clone(), (self.rows, self.dim), dev)
     }
 
@@ -109,6 +134,11 @@ impl SparseTable {
         for (k, &r) in rows.iter().enumerate() {
             local.insert(r, k as u32);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let leaf = Var::from_tensor(&gpu.gather(&rows)?)?;
+            return Ok(Gathered { leaf, rows, local });
+        }
         let mut buf = Vec::with_capacity(rows.len() * self.dim);
         for &r in &rows {
             let r = r as usize;
@@ -121,10 +151,14 @@ impl SparseTable {
     /// One lazy AdamW step on the gathered rows, given the gradient of the leaf, in place and
     /// in parallel.
     pub fn apply(&mut self, g: &Gathered, grad: &Tensor, opt: &AdamW, step: u64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            return gpu.apply(&g.rows, grad, &RowStep::new(opt, step));
+        }
         let grad = grad.contiguous()?;
         let (storage, layout) = grad.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("sparse tables train on the CPU");
+            candle_core::bail!("a host gradient was expected");
         };
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("a contiguous gradient was expected");
@@ -169,15 +203,15 @@ fn rows_mut<'a>(buf: &'a mut [f32], rows: &[u32], dim: usize) -> Vec<&'a mut [f3
 }
 
 /// AdamW's constants for one step, bias corrections folded in.
-struct RowStep {
-    b1: f32,
-    b2: f32,
+pub(crate) struct RowStep {
+    pub b1: f32,
+    pub b2: f32,
     /// `lr / (1 − β1^t)`.
-    lr_c: f32,
+    pub lr_c: f32,
     /// `1 / sqrt(1 − β2^t)`.
-    v_c: f32,
-    eps: f32,
-    decay: f32,
+    pub v_c: f32,
+    pub eps: f32,
+    pub decay: f32,
 }
 
 impl RowStep {

@@ -133,6 +133,21 @@ impl CustomOp1 for MixOp {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = layout.shape().dims2()?;
+        let m = &self.forward;
+        if rows != m.rows_in {
+            candle_core::bail!("row-mix over {} rows applied to {rows} rows", m.rows_in);
+        }
+        let out = crate::cuda::row_mix(storage, layout, d, &m.start, &m.col, &m.weight)?;
+        Ok((out, Shape::from((m.rows_out(), d))))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let op = MixOp {
             forward: self.backward.clone(),

@@ -135,6 +135,14 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tens
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
+/// A deep copy of `t` in host memory (snapshots are inference models, which run on the CPU).
+fn host_copy(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.device() {
+        Device::Cpu => t.copy(),
+        _ => t.to_device(&Device::Cpu),
+    }
+}
+
 /// One batch, encoded.
 struct Batch {
     user: UserSide,
@@ -453,15 +461,19 @@ impl Trainer {
         users: EntityVocab,
         items: EntityVocab,
     ) -> Result<Self> {
-        let dev = Device::Cpu;
+        let dev = tcfg.device.open()?;
         let mut rng = ChaCha8Rng::seed_from_u64(tcfg.seed);
         let emb_std = 0.1;
-        let user_id = SparseTable::new(users.len(), cfg.id_dim, emb_std, &mut rng);
-        let user_feat =
+        let mut user_id = SparseTable::new(users.len(), cfg.id_dim, emb_std, &mut rng);
+        let mut user_feat =
             SparseTable::new(users.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
-        let item_id = SparseTable::new(items.len(), cfg.id_dim, emb_std, &mut rng);
-        let item_feat =
+        let mut item_id = SparseTable::new(items.len(), cfg.id_dim, emb_std, &mut rng);
+        let mut item_feat =
             SparseTable::new(items.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
+        // On a GPU the tables move there: gathers and the sparse update run on the device.
+        for t in [&mut user_id, &mut user_feat, &mut item_id, &mut item_feat] {
+            t.place(&dev)?;
+        }
         let user_tower = UserTower::new(cfg, &users.schema, &mut rng, &dev)?;
         let item_tower = ItemTower::new(cfg, &items.schema, &mut rng, &dev)?;
         let log_tau =
@@ -858,8 +870,8 @@ impl Trainer {
                     .iter()
                     .map(|l| {
                         Ok(Linear {
-                            weight: Var::from_tensor(&l.weight.as_tensor().copy()?)?,
-                            bias: Var::from_tensor(&l.bias.as_tensor().copy()?)?,
+                            weight: Var::from_tensor(&host_copy(l.weight.as_tensor())?)?,
+                            bias: Var::from_tensor(&host_copy(l.bias.as_tensor())?)?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?,
@@ -869,7 +881,7 @@ impl Trainer {
             cfg: self.cfg.clone(),
             mlp: copy_mlp(&self.item_tower.mlp)?,
         };
-        let item_ids = self.item_id.to_tensor(&self.dev)?;
+        let item_ids = self.item_id.to_tensor(&Device::Cpu)?;
         let temperature = self.log_tau.as_tensor().exp()?.to_scalar::<f32>()?;
         let user = UserModel::new(
             self.cfg.clone(),
@@ -877,8 +889,8 @@ impl Trainer {
             self.items.ids.clone(),
             user_tower,
             [
-                self.user_id.to_tensor(&self.dev)?,
-                self.user_feat.to_tensor(&self.dev)?,
+                self.user_id.to_tensor(&Device::Cpu)?,
+                self.user_feat.to_tensor(&Device::Cpu)?,
                 item_ids.clone(),
             ],
             temperature,
@@ -888,7 +900,7 @@ impl Trainer {
             items: self.items.clone(),
             tower: item_tower,
             id_emb: item_ids,
-            feat_emb: self.item_feat.to_tensor(&self.dev)?,
+            feat_emb: self.item_feat.to_tensor(&Device::Cpu)?,
         };
         Ok(TwoTower { user, item })
     }

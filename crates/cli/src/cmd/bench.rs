@@ -31,6 +31,11 @@ pub struct TrainArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = BenchShape::default().items)]
     pub items: usize,
+    #[arg(long, default_value_t = BenchShape::default().users)]
+    pub users: usize,
+    /// Where the steps run: cpu, cuda or cuda:N (CUDA: one in-process run, no thread sweep).
+    #[arg(long, default_value = "cpu")]
+    pub device: tandem_model::config::TrainDevice,
     /// Output is always JSON; accepted for symmetry with other commands.
     #[arg(long)]
     pub json: bool,
@@ -49,10 +54,22 @@ fn train(a: TrainArgs) -> Result<()> {
     let shape = BenchShape {
         batch_size: a.batch_size,
         items: a.items,
+        users: a.users,
         ..Default::default()
     };
+    if a.device != tandem_model::config::TrainDevice::Cpu {
+        let r = bench_train(&shape, a.steps, a.device)?;
+        let out = serde_json::json!({
+            "bench": "train",
+            "device": a.device.to_string(),
+            "shape": shape,
+            "result": r,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     if let Some(threads) = a.threads {
-        let r = bench_train(&shape, a.steps)?;
+        let r = bench_train(&shape, a.steps, a.device)?;
         let out = serde_json::json!({ "threads": threads, "shape": shape, "result": r });
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
@@ -74,6 +91,8 @@ fn train(a: TrainArgs) -> Result<()> {
                 &a.batch_size.to_string(),
                 "--items",
                 &a.items.to_string(),
+                "--users",
+                &a.users.to_string(),
             ])
             .env("RAYON_NUM_THREADS", threads.to_string())
             .output()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tandem_client::FleetAdmin;
 
 use crate::args::{AdminArgs, ClientTlsArgs};
@@ -55,6 +55,10 @@ pub struct Args {
     /// Inject a fault, for drills: shuffle-train-items or crash-training.
     #[arg(long)]
     pub fault: Option<Fault>,
+    /// Where candidate models train: cpu, cuda or cuda:N (CUDA needs a build with `--features
+    /// cuda`) [default: cpu].
+    #[arg(long, env = "TANDEM_TRAIN_DEVICE")]
+    pub device: Option<tandem_model::config::TrainDevice>,
     /// Print each cycle's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -107,10 +111,16 @@ fn options(a: &Args) -> Result<CycleOptions> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let cfg = match &a.config {
+    let mut cfg = match &a.config {
         Some(p) => RetrainConfig::read(p)?,
         None => RetrainConfig::default(),
     };
+    if let Some(device) = a.device {
+        device
+            .open()
+            .with_context(|| format!("--device {device}"))?;
+        cfg.train.device = device;
+    }
     if a.metrics_listen.is_some() && a.every.is_none() {
         bail!(
             "--metrics-listen needs --every: a --once cycle has ended before anything scrapes it"

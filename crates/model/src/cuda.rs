@@ -1,0 +1,358 @@
+//! CUDA kernels for the training ops of [`crate::rowmix`] and [`crate::loss`] (feature `cuda`).
+//!
+//! The kernels are CUDA C compiled once per device at run time by NVRTC (the GPU machine's
+//! toolkit), so the build needs no kernel compiler of its own beyond what candle's CUDA backend
+//! needs. Launches go through cudarc, which is `unsafe` by nature: each launch states what it
+//! relies on.
+#![allow(unsafe_code)]
+
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, Device, InplaceOp2, Layout, Result, Tensor,
+};
+
+use crate::params::RowStep;
+
+const SOURCE: &str = r#"
+extern "C" __global__ void row_mix(const float* x, const unsigned* start, const unsigned* col,
+                                   const float* w, float* out, unsigned rows_out, unsigned d) {
+    unsigned r = blockIdx.x;
+    if (r >= rows_out) return;
+    unsigned a = start[r], b = start[r + 1];
+    for (unsigned t = threadIdx.x; t < d; t += blockDim.x) {
+        float acc = 0.0f;
+        for (unsigned k = a; k < b; ++k) acc += w[k] * x[(size_t)col[k] * d + t];
+        out[(size_t)r * d + t] = acc;
+    }
+}
+
+// One block of XENT_THREADS threads per row: the row's log-sum-exp of x + bias.
+#define XENT_THREADS 256
+__device__ float row_lse(const float* x, const float* bias, unsigned c, float* red) {
+    float m = -INFINITY;
+    for (unsigned j = threadIdx.x; j < c; j += blockDim.x) m = fmaxf(m, x[j] + bias[j]);
+    red[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = red[0];
+    __syncthreads();
+    float sum = 0.0f;
+    for (unsigned j = threadIdx.x; j < c; j += blockDim.x) sum += __expf(x[j] + bias[j] - m);
+    red[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    float lse = m + logf(red[0]);
+    __syncthreads();
+    return lse;
+}
+
+extern "C" __global__ void xent_rows(const float* x, const float* bias, const unsigned* labels,
+                                     const float* w, float* loss, unsigned b, unsigned c) {
+    __shared__ float red[XENT_THREADS];
+    unsigned r = blockIdx.x;
+    if (r >= b) return;
+    const float* xr = x + (size_t)r * c;
+    const float* br = bias + (size_t)r * c;
+    float lse = row_lse(xr, br, c, red);
+    if (threadIdx.x == 0) {
+        unsigned l = labels[r];
+        loss[r] = w[r] * (lse - (xr[l] + br[l]));
+    }
+}
+
+extern "C" __global__ void xent_grad(const float* x, const float* bias, const unsigned* labels,
+                                     const float* w, const float* g, float* out, unsigned b,
+                                     unsigned c) {
+    __shared__ float red[XENT_THREADS];
+    unsigned r = blockIdx.x;
+    if (r >= b) return;
+    const float* xr = x + (size_t)r * c;
+    const float* br = bias + (size_t)r * c;
+    float lse = row_lse(xr, br, c, red);
+    float s = g[r] * w[r];
+    unsigned l = labels[r];
+    for (unsigned j = threadIdx.x; j < c; j += blockDim.x) {
+        float p = __expf(xr[j] + br[j] - lse);
+        out[(size_t)r * c + j] = s * (p - (j == l ? 1.0f : 0.0f));
+    }
+}
+
+// Lazy AdamW on distinct rows: thread i updates element i % d of gathered row i / d. `mom` holds
+// each table row's first moment then its second (2·d values per row).
+extern "C" __global__ void adam_rows(float* w, float* mom, const unsigned* rows, const float* g,
+                                     unsigned n, unsigned d, float b1, float b2, float lr_c,
+                                     float v_c, float eps, float decay) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * d) return;
+    size_t k = i / d, t = i % d;
+    size_t row = rows[k];
+    float gi = g[i];
+    float* m = mom + row * 2 * d;
+    float* v = m + d;
+    float mj = b1 * m[t] + (1.0f - b1) * gi;
+    float vj = b2 * v[t] + (1.0f - b2) * gi * gi;
+    m[t] = mj;
+    v[t] = vj;
+    float* wr = w + row * d;
+    wr[t] = wr[t] * decay - lr_c * mj / (sqrtf(vj) * v_c + eps);
+}
+"#;
+
+const MODULE: &str = "tandem_train";
+const XENT_THREADS: u32 = 256;
+
+/// The kernels' PTX, compiled by NVRTC on first use.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(SOURCE)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling the training kernels with NVRTC: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// The f32 values of a contiguous CUDA tensor.
+fn input<'a>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, f32>> {
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous input was expected");
+    };
+    Ok(storage.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+fn launch_rows(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `out[r] = Σ w · x[col]` over CSR rows `start`/`col`/`w`: `x` is `(rows_in × d)`.
+pub fn row_mix(
+    storage: &CudaStorage,
+    layout: &Layout,
+    d: usize,
+    start: &[u32],
+    col: &[u32],
+    w: &[f32],
+) -> Result<CudaStorage> {
+    let dev = storage.device().clone();
+    let rows_out = start.len() - 1;
+    let x = input(storage, layout)?;
+    let out = dev.alloc_zeros::<f32>(rows_out * d)?;
+    if rows_out > 0 && d > 0 && !col.is_empty() {
+        let func = dev.get_or_load_custom_func("row_mix", MODULE, ptx()?)?;
+        let (start, col, w) = (
+            dev.clone_htod(start)?,
+            dev.clone_htod(col)?,
+            dev.clone_htod(w)?,
+        );
+        let (rows_u, d_u) = (rows_out as u32, d as u32);
+        let mut b = func.builder();
+        b.arg(&x).arg(&start).arg(&col).arg(&w).arg(&out);
+        b.arg(&rows_u).arg(&d_u);
+        let threads = (d as u32).next_multiple_of(32).min(256);
+        // SAFETY: the kernel reads `start[0..=rows_out]`, the `col`/`w` entries they delimit
+        // (all < rows_in, checked when the mix was built) and `x` rows below rows_in, and writes
+        // `out[0..rows_out·d]`; every buffer was allocated with those lengths above.
+        unsafe { b.launch(launch_rows(rows_out, threads)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The inputs of the softmax cross-entropy kernels, on the device.
+struct XentArgs<'a> {
+    dev: CudaDevice,
+    x: CudaView<'a, f32>,
+    bias: CudaSlice<f32>,
+    labels: CudaSlice<u32>,
+    w: CudaSlice<f32>,
+}
+
+impl<'a> XentArgs<'a> {
+    fn new(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        bias: &[f32],
+        labels: &[u32],
+        w: &[f32],
+    ) -> Result<Self> {
+        let dev = storage.device().clone();
+        Ok(XentArgs {
+            x: input(storage, layout)?,
+            bias: dev.clone_htod(bias)?,
+            labels: dev.clone_htod(labels)?,
+            w: dev.clone_htod(w)?,
+            dev,
+        })
+    }
+}
+
+/// Per row `r`: `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`.
+#[allow(clippy::too_many_arguments)]
+pub fn xent_rows(
+    storage: &CudaStorage,
+    layout: &Layout,
+    b: usize,
+    c: usize,
+    bias: &[f32],
+    labels: &[u32],
+    w: &[f32],
+) -> Result<CudaStorage> {
+    let a = XentArgs::new(storage, layout, bias, labels, w)?;
+    let out = a.dev.alloc_zeros::<f32>(b)?;
+    if b > 0 {
+        let func = a.dev.get_or_load_custom_func("xent_rows", MODULE, ptx()?)?;
+        let (b_u, c_u) = (b as u32, c as u32);
+        let mut l = func.builder();
+        l.arg(&a.x).arg(&a.bias).arg(&a.labels).arg(&a.w).arg(&out);
+        l.arg(&b_u).arg(&c_u);
+        // SAFETY: `x` and `bias` hold b·c values, `labels` (each < c, checked by the caller),
+        // `w` and `out` b; one block per row of XENT_THREADS threads, the shared array's size.
+        unsafe { l.launch(launch_rows(b, XENT_THREADS)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, a.dev))
+}
+
+/// The gradient of [`xent_rows`] with respect to `x`, given each row's upstream gradient `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn xent_grad(
+    storage: &CudaStorage,
+    layout: &Layout,
+    b: usize,
+    c: usize,
+    bias: &[f32],
+    labels: &[u32],
+    w: &[f32],
+    g: &[f32],
+) -> Result<CudaStorage> {
+    let a = XentArgs::new(storage, layout, bias, labels, w)?;
+    let out = a.dev.alloc_zeros::<f32>(b * c)?;
+    if b > 0 {
+        let func = a.dev.get_or_load_custom_func("xent_grad", MODULE, ptx()?)?;
+        let g = a.dev.clone_htod(g)?;
+        let (b_u, c_u) = (b as u32, c as u32);
+        let mut l = func.builder();
+        l.arg(&a.x)
+            .arg(&a.bias)
+            .arg(&a.labels)
+            .arg(&a.w)
+            .arg(&g)
+            .arg(&out);
+        l.arg(&b_u).arg(&c_u);
+        // SAFETY: as in `xent_rows`, plus `g` of b values and `out` of b·c.
+        unsafe { l.launch(launch_rows(b, XENT_THREADS)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, a.dev))
+}
+
+/// An embedding table trained on the GPU: the weights as a device tensor (gathered with
+/// `index_select`) and the Adam moments beside them, updated in place by `adam_rows`.
+pub struct DeviceTable {
+    pub weights: Tensor,
+    /// Per row: the first moment, then the second (`rows × 2·dim`).
+    moments: CudaSlice<f32>,
+    dim: usize,
+}
+
+impl DeviceTable {
+    pub fn new(data: Vec<f32>, rows: usize, dim: usize, dev: &Device) -> Result<Self> {
+        let Device::Cuda(cuda) = dev else {
+            candle_core::bail!("a device table needs a CUDA device");
+        };
+        Ok(DeviceTable {
+            weights: Tensor::from_vec(data, (rows, dim), dev)?,
+            moments: cuda.alloc_zeros::<f32>(rows * 2 * dim)?,
+            dim,
+        })
+    }
+
+    /// The rows `rows` of the table, as a new tensor.
+    pub fn gather(&self, rows: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(rows, rows.len(), self.weights.device())?;
+        self.weights.index_select(&idx, 0)
+    }
+
+    /// One lazy AdamW step on `rows` (sorted, distinct) given their gradient.
+    pub fn apply(&mut self, rows: &[u32], grad: &Tensor, step: &RowStep) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let grad = grad.contiguous()?;
+        let op = AdamRows {
+            rows,
+            moments: Mutex::new(&mut self.moments),
+            dim: self.dim,
+            step,
+        };
+        self.weights.inplace_op2(&grad, &op)
+    }
+}
+
+/// The in-place update of a [`DeviceTable`]'s weights (and, through the op, its moments).
+struct AdamRows<'a> {
+    rows: &'a [u32],
+    moments: Mutex<&'a mut CudaSlice<f32>>,
+    dim: usize,
+    step: &'a RowStep,
+}
+
+impl InplaceOp2 for AdamRows<'_> {
+    fn name(&self) -> &'static str {
+        "adam-rows"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("adam-rows runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        w: &mut CudaStorage,
+        w_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+    ) -> Result<()> {
+        let n = self.rows.len();
+        let d = self.dim;
+        if g_layout.shape().elem_count() != n * d || w_layout.start_offset() != 0 {
+            candle_core::bail!("adam-rows: gradient of {:?} for {n} rows", g_layout.shape());
+        }
+        let dev = w.device().clone();
+        let g = input(g, g_layout)?;
+        let rows = dev.clone_htod(self.rows)?;
+        let func = dev.get_or_load_custom_func("adam_rows", MODULE, ptx()?)?;
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        let weights = w.as_cuda_slice_mut::<f32>()?;
+        let s = self.step;
+        let (n_u, d_u) = (n as u32, d as u32);
+        let mut l = func.builder();
+        l.arg(weights).arg(&mut **moments).arg(&rows).arg(&g);
+        l.arg(&n_u).arg(&d_u);
+        l.arg(&s.b1)
+            .arg(&s.b2)
+            .arg(&s.lr_c)
+            .arg(&s.v_c)
+            .arg(&s.eps)
+            .arg(&s.decay);
+        let cfg = LaunchConfig::for_num_elems((n * d) as u32);
+        // SAFETY: the rows are distinct table rows (gathered, sorted and deduplicated), so each
+        // thread writes its own element of `weights` (rows·dim values) and `moments`
+        // (rows·2·dim); `g` holds n·d values and `rows` n.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
