@@ -19,6 +19,10 @@ use candle_core::{
 use crate::params::RowStep;
 
 const SOURCE: &str = r#"
+// NVRTC has no standard headers: its own index type and the float infinity by bit pattern.
+typedef unsigned long long idx_t;
+#define NEG_INF __int_as_float(0xff800000)
+
 extern "C" __global__ void row_mix(const float* x, const unsigned* start, const unsigned* col,
                                    const float* w, float* out, unsigned rows_out, unsigned d) {
     unsigned r = blockIdx.x;
@@ -26,15 +30,15 @@ extern "C" __global__ void row_mix(const float* x, const unsigned* start, const 
     unsigned a = start[r], b = start[r + 1];
     for (unsigned t = threadIdx.x; t < d; t += blockDim.x) {
         float acc = 0.0f;
-        for (unsigned k = a; k < b; ++k) acc += w[k] * x[(size_t)col[k] * d + t];
-        out[(size_t)r * d + t] = acc;
+        for (unsigned k = a; k < b; ++k) acc += w[k] * x[(idx_t)col[k] * d + t];
+        out[(idx_t)r * d + t] = acc;
     }
 }
 
 // One block of XENT_THREADS threads per row: the row's log-sum-exp of x + bias.
 #define XENT_THREADS 256
 __device__ float row_lse(const float* x, const float* bias, unsigned c, float* red) {
-    float m = -INFINITY;
+    float m = NEG_INF;
     for (unsigned j = threadIdx.x; j < c; j += blockDim.x) m = fmaxf(m, x[j] + bias[j]);
     red[threadIdx.x] = m;
     __syncthreads();
@@ -62,8 +66,8 @@ extern "C" __global__ void xent_rows(const float* x, const float* bias, const un
     __shared__ float red[XENT_THREADS];
     unsigned r = blockIdx.x;
     if (r >= b) return;
-    const float* xr = x + (size_t)r * c;
-    const float* br = bias + (size_t)r * c;
+    const float* xr = x + (idx_t)r * c;
+    const float* br = bias + (idx_t)r * c;
     float lse = row_lse(xr, br, c, red);
     if (threadIdx.x == 0) {
         unsigned l = labels[r];
@@ -77,14 +81,14 @@ extern "C" __global__ void xent_grad(const float* x, const float* bias, const un
     __shared__ float red[XENT_THREADS];
     unsigned r = blockIdx.x;
     if (r >= b) return;
-    const float* xr = x + (size_t)r * c;
-    const float* br = bias + (size_t)r * c;
+    const float* xr = x + (idx_t)r * c;
+    const float* br = bias + (idx_t)r * c;
     float lse = row_lse(xr, br, c, red);
     float s = g[r] * w[r];
     unsigned l = labels[r];
     for (unsigned j = threadIdx.x; j < c; j += blockDim.x) {
         float p = __expf(xr[j] + br[j] - lse);
-        out[(size_t)r * c + j] = s * (p - (j == l ? 1.0f : 0.0f));
+        out[(idx_t)r * c + j] = s * (p - (j == l ? 1.0f : 0.0f));
     }
 }
 
@@ -93,10 +97,10 @@ extern "C" __global__ void xent_grad(const float* x, const float* bias, const un
 extern "C" __global__ void adam_rows(float* w, float* mom, const unsigned* rows, const float* g,
                                      unsigned n, unsigned d, float b1, float b2, float lr_c,
                                      float v_c, float eps, float decay) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)n * d) return;
-    size_t k = i / d, t = i % d;
-    size_t row = rows[k];
+    idx_t i = (idx_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (idx_t)n * d) return;
+    idx_t k = i / d, t = i % d;
+    idx_t row = rows[k];
     float gi = g[i];
     float* m = mom + row * 2 * d;
     float* v = m + d;
