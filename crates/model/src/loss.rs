@@ -216,7 +216,10 @@ pub fn sampled_softmax_loss(
 ) -> Result<Tensor> {
     let b = targets.len();
     let c = cand_ids.len();
-    let mut bias: Vec<f32> = (0..b).flat_map(|_| log_q.iter().map(|q| -q)).collect();
+    let mut bias = Vec::with_capacity(b * c);
+    for _ in 0..b {
+        bias.extend(log_q.iter().map(|q| -q));
+    }
     // Columns of each candidate item (an item can be both a positive and a uniform sample).
     let mut order: Vec<(u32, u32)> = cand_ids.iter().zip(0..).map(|(&i, j)| (i, j)).collect();
     order.sort_unstable();
