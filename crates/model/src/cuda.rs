@@ -12,9 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, Device, InplaceOp2, Layout, Result, Tensor,
-};
+use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp2, Layout, Result, Tensor};
 
 use crate::params::RowStep;
 
@@ -177,37 +175,12 @@ pub fn row_mix(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The inputs of the softmax cross-entropy kernels, on the device.
-struct XentArgs<'a> {
-    dev: CudaDevice,
-    x: CudaView<'a, f32>,
-    bias: CudaSlice<f32>,
-    labels: CudaSlice<u32>,
-    w: CudaSlice<f32>,
-}
-
-impl<'a> XentArgs<'a> {
-    fn new(
-        storage: &'a CudaStorage,
-        layout: &Layout,
-        bias: &[f32],
-        labels: &[u32],
-        w: &[f32],
-    ) -> Result<Self> {
-        let dev = storage.device().clone();
-        Ok(XentArgs {
-            x: input(storage, layout)?,
-            bias: dev.clone_htod(bias)?,
-            labels: dev.clone_htod(labels)?,
-            w: dev.clone_htod(w)?,
-            dev,
-        })
-    }
-}
-
-/// Per row `r`: `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`.
+/// The softmax cross-entropy kernels over `(b × c)` logits `x` (with `bias`, `labels` and row
+/// weights `w`): without `g`, `xent_rows` gives each row's weighted loss
+/// `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`; with `g` (each row's
+/// upstream gradient), `xent_grad` gives the gradient with respect to `x`.
 #[allow(clippy::too_many_arguments)]
-pub fn xent_rows(
+pub fn xent(
     storage: &CudaStorage,
     layout: &Layout,
     b: usize,
@@ -215,52 +188,37 @@ pub fn xent_rows(
     bias: &[f32],
     labels: &[u32],
     w: &[f32],
+    g: Option<&[f32]>,
 ) -> Result<CudaStorage> {
-    let a = XentArgs::new(storage, layout, bias, labels, w)?;
-    let out = a.dev.alloc_zeros::<f32>(b)?;
+    let dev = storage.device().clone();
+    let x = input(storage, layout)?;
+    let out = dev.alloc_zeros::<f32>(if g.is_some() { b * c } else { b })?;
     if b > 0 {
-        let func = a.dev.get_or_load_custom_func("xent_rows", MODULE, ptx()?)?;
+        let kernel = if g.is_some() {
+            "xent_grad"
+        } else {
+            "xent_rows"
+        };
+        let func = dev.get_or_load_custom_func(kernel, MODULE, ptx()?)?;
+        let (bias, labels, w) = (
+            dev.clone_htod(bias)?,
+            dev.clone_htod(labels)?,
+            dev.clone_htod(w)?,
+        );
+        let g = g.map(|g| dev.clone_htod(g)).transpose()?;
         let (b_u, c_u) = (b as u32, c as u32);
         let mut l = func.builder();
-        l.arg(&a.x).arg(&a.bias).arg(&a.labels).arg(&a.w).arg(&out);
-        l.arg(&b_u).arg(&c_u);
-        // SAFETY: `x` and `bias` hold b·c values, `labels` (each < c, checked by the caller),
-        // `w` and `out` b; one block per row of XENT_THREADS threads, the shared array's size.
+        l.arg(&x).arg(&bias).arg(&labels).arg(&w);
+        if let Some(g) = &g {
+            l.arg(g);
+        }
+        l.arg(&out).arg(&b_u).arg(&c_u);
+        // SAFETY: `x` and `bias` hold b·c values; `labels` (each < c, checked by the caller),
+        // `w` and `g` b; `out` b (losses) or b·c (gradient); one block per row of XENT_THREADS
+        // threads, the size of the kernels' shared array.
         unsafe { l.launch(launch_rows(b, XENT_THREADS)) }.w()?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, a.dev))
-}
-
-/// The gradient of [`xent_rows`] with respect to `x`, given each row's upstream gradient `g`.
-#[allow(clippy::too_many_arguments)]
-pub fn xent_grad(
-    storage: &CudaStorage,
-    layout: &Layout,
-    b: usize,
-    c: usize,
-    bias: &[f32],
-    labels: &[u32],
-    w: &[f32],
-    g: &[f32],
-) -> Result<CudaStorage> {
-    let a = XentArgs::new(storage, layout, bias, labels, w)?;
-    let out = a.dev.alloc_zeros::<f32>(b * c)?;
-    if b > 0 {
-        let func = a.dev.get_or_load_custom_func("xent_grad", MODULE, ptx()?)?;
-        let g = a.dev.clone_htod(g)?;
-        let (b_u, c_u) = (b as u32, c as u32);
-        let mut l = func.builder();
-        l.arg(&a.x)
-            .arg(&a.bias)
-            .arg(&a.labels)
-            .arg(&a.w)
-            .arg(&g)
-            .arg(&out);
-        l.arg(&b_u).arg(&c_u);
-        // SAFETY: as in `xent_rows`, plus `g` of b values and `out` of b·c.
-        unsafe { l.launch(launch_rows(b, XENT_THREADS)) }.w()?;
-    }
-    Ok(CudaStorage::wrap_cuda_slice(out, a.dev))
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
 /// An embedding table trained on the GPU: the weights as a device tensor (gathered with

@@ -110,7 +110,7 @@ impl CustomOp1 for SoftmaxXent {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c) = self.check(layout)?;
-        let out = crate::cuda::xent_rows(
+        let out = crate::cuda::xent(
             storage,
             layout,
             b,
@@ -118,6 +118,7 @@ impl CustomOp1 for SoftmaxXent {
             &self.bias,
             &self.labels,
             &self.weights,
+            None,
         )?;
         Ok((out, Shape::from(b)))
     }
@@ -170,8 +171,15 @@ impl CustomOp1 for XentGrad<'_> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let s = self.xent;
         let (b, c) = s.check(layout)?;
-        let out = crate::cuda::xent_grad(
-            storage, layout, b, c, &s.bias, &s.labels, &s.weights, &self.g,
+        let out = crate::cuda::xent(
+            storage,
+            layout,
+            b,
+            c,
+            &s.bias,
+            &s.labels,
+            &s.weights,
+            Some(&self.g),
         )?;
         Ok((out, Shape::from((b, c))))
     }
