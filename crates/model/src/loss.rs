@@ -19,6 +19,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::rowmix::cpu_f32;
+
 /// Value added to masked logits.
 const MASKED: f32 = -1e9;
 
@@ -66,6 +68,26 @@ impl SoftmaxXent {
         Ok((b, c))
     }
 
+    /// The CUDA forward: per-row losses, or (given each row's upstream gradient `g`) the
+    /// gradient with respect to the logits.
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+        g: Option<&[f32]>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, c) = self.check(layout)?;
+        let (bias, labels, w) = (&self.bias, &self.labels, &self.weights);
+        let out = crate::cuda::xent(storage, layout, b, c, bias, labels, w, g)?;
+        let shape = if g.is_some() {
+            Shape::from((b, c))
+        } else {
+            Shape::from(b)
+        };
+        Ok((out, shape))
+    }
+
     /// Row `r`'s log-sum-exp of `x + bias`.
     fn lse(x: &[f32], bias: &[f32]) -> f32 {
         let max = x
@@ -78,14 +100,6 @@ impl SoftmaxXent {
     }
 }
 
-/// The contiguous f32 values of a CPU tensor's storage.
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("the softmax loss needs contiguous logits");
-    };
-    Ok(&storage.as_slice::<f32>()?[a..b])
-}
-
 impl CustomOp1 for SoftmaxXent {
     fn name(&self) -> &'static str {
         "softmax-xent"
@@ -93,7 +107,7 @@ impl CustomOp1 for SoftmaxXent {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c) = self.check(layout)?;
-        let x = values(storage, layout)?;
+        let x = cpu_f32(storage, layout, self.name())?;
         let mut loss = vec![0f32; b];
         loss.par_iter_mut().enumerate().for_each(|(r, out)| {
             let (xr, br) = (&x[r * c..][..c], &self.bias[r * c..][..c]);
@@ -109,18 +123,7 @@ impl CustomOp1 for SoftmaxXent {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, c) = self.check(layout)?;
-        let out = crate::cuda::xent(
-            storage,
-            layout,
-            b,
-            c,
-            &self.bias,
-            &self.labels,
-            &self.weights,
-            None,
-        )?;
-        Ok((out, Shape::from(b)))
+        self.cuda(storage, layout, None)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -147,7 +150,7 @@ impl CustomOp1 for XentGrad<'_> {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = self.xent;
         let (b, c) = s.check(layout)?;
-        let x = values(storage, layout)?;
+        let x = cpu_f32(storage, layout, self.name())?;
         let mut grad = vec![0f32; b * c];
         grad.par_chunks_mut(c.max(1))
             .enumerate()
@@ -169,19 +172,7 @@ impl CustomOp1 for XentGrad<'_> {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let s = self.xent;
-        let (b, c) = s.check(layout)?;
-        let out = crate::cuda::xent(
-            storage,
-            layout,
-            b,
-            c,
-            &s.bias,
-            &s.labels,
-            &s.weights,
-            Some(&self.g),
-        )?;
-        Ok((out, Shape::from((b, c))))
+        self.xent.cuda(storage, layout, Some(&self.g))
     }
 }
 

@@ -408,13 +408,21 @@ pub(crate) struct Tensors {
     map: HashMap<String, Tensor>,
 }
 
+/// A deep copy of `t` in host memory: snapshots of a training run are inference models, which
+/// run on the CPU whatever device trained them.
+pub(crate) fn host_copy(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.device() {
+        Device::Cpu => t.copy(),
+        _ => t.to_device(&Device::Cpu),
+    }
+}
+
 impl Tensors {
     /// Deep copies of `vars` (a training snapshot).
     pub(crate) fn copies(vars: Vec<(String, Var)>) -> Result<Self> {
         let map = vars
             .into_iter()
-            // Snapshots are inference models: in host memory whatever device trained them.
-            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?.copy()?)))
+            .map(|(n, v)| Ok((n, host_copy(v.as_tensor())?)))
             .collect::<Result<_>>()?;
         Ok(Tensors {
             file: "snapshot".into(),

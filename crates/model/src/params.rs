@@ -16,7 +16,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::rowmix::{mix, RowMix};
+use crate::rowmix::{cpu_f32, mix, RowMix};
 
 /// A hasher for table row ids: one multiply and a fold (the map is rebuilt every step over tens
 /// of thousands of ids, where SipHash showed up in profiles).
@@ -160,10 +160,7 @@ impl SparseTable {
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("a host gradient was expected");
         };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("a contiguous gradient was expected");
-        };
-        let grad = &cpu.as_slice::<f32>()?[a..b];
+        let grad = cpu_f32(cpu, layout, "the sparse table update")?;
         let dim = self.dim;
         if grad.len() != g.rows.len() * dim {
             candle_core::bail!(

@@ -108,12 +108,9 @@ struct MixOp {
     backward: Arc<RowMix>,
 }
 
-impl CustomOp1 for MixOp {
-    fn name(&self) -> &'static str {
-        "row-mix"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl MixOp {
+    /// The row width `d` of an input `(rows_in × d)`, refusing any other row count.
+    fn width(&self, layout: &Layout) -> Result<usize> {
         let (rows, d) = layout.shape().dims2()?;
         if rows != self.forward.rows_in {
             candle_core::bail!(
@@ -121,10 +118,27 @@ impl CustomOp1 for MixOp {
                 self.forward.rows_in
             );
         }
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("row-mix needs a contiguous input");
-        };
-        let x = &storage.as_slice::<f32>()?[a..b];
+        Ok(d)
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, for the custom ops' forwards (`op` names the op
+/// in the error).
+pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs a contiguous input");
+    };
+    Ok(&storage.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp1 for MixOp {
+    fn name(&self) -> &'static str {
+        "row-mix"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.width(layout)?;
+        let x = cpu_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; self.forward.rows_out() * d];
         self.forward.mix_into(x, d, &mut out);
         Ok((
@@ -139,11 +153,8 @@ impl CustomOp1 for MixOp {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = layout.shape().dims2()?;
+        let d = self.width(layout)?;
         let m = &self.forward;
-        if rows != m.rows_in {
-            candle_core::bail!("row-mix over {} rows applied to {rows} rows", m.rows_in);
-        }
         let out = crate::cuda::row_mix(storage, layout, d, &m.start, &m.col, &m.weight)?;
         Ok((out, Shape::from((m.rows_out(), d))))
     }

@@ -28,7 +28,7 @@ use crate::encode::EntityVocab;
 use crate::eval::{metrics, EvalSet, ModelRanker, Recommender};
 use crate::logq::{estimator, ExactCounts, FrequencyEstimator};
 use crate::loss::{full_softmax_loss, sampled_softmax_loss};
-use crate::model::{push_distinct, ItemModel, Tensors, TwoTower, UserModel};
+use crate::model::{host_copy, push_distinct, ItemModel, Tensors, TwoTower, UserModel};
 use crate::params::{AdamW, SparseTable, Table};
 use crate::sequence::gap_bucket;
 use crate::towers::{
@@ -133,14 +133,6 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tens
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
-}
-
-/// A deep copy of `t` in host memory (snapshots are inference models, which run on the CPU).
-fn host_copy(t: &Tensor) -> candle_core::Result<Tensor> {
-    match t.device() {
-        Device::Cpu => t.copy(),
-        _ => t.to_device(&Device::Cpu),
-    }
 }
 
 /// One batch, encoded.
