@@ -20,6 +20,20 @@ say() { echo "== $*" | tee -a "$log"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
 
+# Runs a command while sampling the GPU memory in use every 200 ms; the peak goes to the log.
+with_peak() {
+  local samples sampler rc
+  samples=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$samples" 2>/dev/null &
+  sampler=$!
+  "$@"
+  rc=$?
+  kill "$sampler" 2>/dev/null
+  wait "$sampler" 2>/dev/null
+  echo "peak GPU memory in use: $(sort -n "$samples" | tail -1) MiB" >>"$log"
+  return $rc
+}
+
 # The bench shape of `tandem bench train` and the issue's large shapes: batch, items, users.
 shapes=("1024 100000 20000" "4096 100000 20000" "8192 1000000 1000000")
 
@@ -27,9 +41,8 @@ if has bench; then
   for s in "${shapes[@]}"; do
     read -r b items users <<<"$s"
     say "tandem bench train --device cuda batch $b items $items users $users"
-    "$bin" bench train --device cuda --steps 30 --batch-size "$b" --items "$items" \
+    with_peak "$bin" bench train --device cuda --steps 30 --batch-size "$b" --items "$items" \
       --users "$users" 2>>"$log" | tr -d '\n' >>"$json" && echo >>"$json"
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader >>"$log"
   done
 fi
 
@@ -73,7 +86,7 @@ if has epoch; then
     >>"$log" 2>&1
   say "one epoch on 10M events, --device cuda, batch 8192"
   start=$(date +%s.%N)
-  "$bin" train --events "$work/s/events.csv.gz" --out "$work/a" --protocol none --epochs 1 \
+  with_peak "$bin" train --events "$work/s/events.csv.gz" --out "$work/a" --protocol none --epochs 1 \
     --batch-size 8192 --device cuda --json >"$work/epoch.json" 2>>"$log"
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   python3 -c "
@@ -83,5 +96,4 @@ e = d['report']['epochs'][0] if 'report' in d else d['epochs'][0]
 print(json.dumps({'epoch': '10M events', 'seconds_total': $secs, 'epoch_seconds': e['seconds'],
                   'examples_per_sec': e['examples_per_sec'], 'examples': d.get('report', d).get('examples')}))" \
     >>"$json" 2>>"$log"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader >>"$log"
 fi
