@@ -5,7 +5,8 @@
 #
 # TANDEM_BIN is a build with `--features cuda`; DATA_DIR holds ml-100k.* (optional); STAGES is
 # a comma list of: bench, torch, quality, epoch (default: all). Each stage appends JSON lines
-# to OUT_DIR/gpu.jsonl and its log to OUT_DIR/gpu.log.
+# to OUT_DIR/gpu.jsonl and its log to OUT_DIR/gpu.log. QUALITY_DEVICES (default "cpu cuda")
+# picks the devices the quality stage trains on.
 set -uo pipefail
 bin=$1
 out=$2
@@ -61,13 +62,13 @@ if has quality && [ -n "$data" ] && [ -f "$data/ml-100k.interactions.csv.gz" ]; 
   work=$(mktemp -d)
   "$bin" split --events "$data/ml-100k.interactions.csv.gz" --protocol user \
     --train-out "$work/train.csv" --test-out "$work/test.csv" >>"$log" 2>&1
-  for dev in cpu cuda; do
+  for dev in ${QUALITY_DEVICES:-cpu cuda}; do
     say "ml-100k train --device $dev"
     start=$(date +%s.%N)
     "$bin" train --events "$work/train.csv" --user-features "$data/ml-100k.users.csv.gz" \
       --item-features "$data/ml-100k.items.csv.gz" --out "$work/$dev" --device "$dev" \
       --json >"$work/$dev.json" 2>>"$log"
-    secs=$(echo "$(date +%s.%N) - $start" | bc)
+    secs=$(python3 -c "print($(date +%s.%N) - $start)")
     model=$(python3 -c "import json,sys; print(json.load(open('$work/$dev.json'))['dir'])")
     "$bin" eval --events "$data/ml-100k.interactions.csv.gz" --model "$model" --json \
       2>>"$log" | python3 -c "
@@ -88,7 +89,7 @@ if has epoch; then
   start=$(date +%s.%N)
   with_peak "$bin" train --events "$work/s/events.csv.gz" --out "$work/a" --protocol none --epochs 1 \
     --batch-size 8192 --device cuda --json >"$work/epoch.json" 2>>"$log"
-  secs=$(echo "$(date +%s.%N) - $start" | bc)
+  secs=$(python3 -c "print($(date +%s.%N) - $start)")
   python3 -c "
 import json
 d = json.load(open('$work/epoch.json'))

@@ -33,11 +33,24 @@ extern "C" __global__ void row_mix(const float* x, const unsigned* start, const 
     }
 }
 
-// One block of XENT_THREADS threads per row: the row's log-sum-exp of x + bias.
+// One block of XENT_THREADS threads per row. A row's bias is the column's own (`cb`) or, for its
+// sorted masked columns `mask[0..n]`, MASKED; a thread visits increasing columns, so it walks the
+// list once (`p`).
 #define XENT_THREADS 256
-__device__ float row_lse(const float* x, const float* bias, unsigned c, float* red) {
+#define MASKED -1e9f
+__device__ __forceinline__ float bias_at(const float* cb, const unsigned* mask, unsigned n,
+                                         unsigned* p, unsigned j) {
+    while (*p < n && mask[*p] < j) ++*p;
+    return (*p < n && mask[*p] == j) ? MASKED : cb[j];
+}
+
+// The row's log-sum-exp of x + bias.
+__device__ float row_lse(const float* x, const float* cb, const unsigned* mask, unsigned n,
+                         unsigned c, float* red) {
     float m = NEG_INF;
-    for (unsigned j = threadIdx.x; j < c; j += blockDim.x) m = fmaxf(m, x[j] + bias[j]);
+    unsigned p = 0;
+    for (unsigned j = threadIdx.x; j < c; j += blockDim.x)
+        m = fmaxf(m, x[j] + bias_at(cb, mask, n, &p, j));
     red[threadIdx.x] = m;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -47,7 +60,9 @@ __device__ float row_lse(const float* x, const float* bias, unsigned c, float* r
     m = red[0];
     __syncthreads();
     float sum = 0.0f;
-    for (unsigned j = threadIdx.x; j < c; j += blockDim.x) sum += __expf(x[j] + bias[j] - m);
+    p = 0;
+    for (unsigned j = threadIdx.x; j < c; j += blockDim.x)
+        sum += __expf(x[j] + bias_at(cb, mask, n, &p, j) - m);
     red[threadIdx.x] = sum;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -59,34 +74,39 @@ __device__ float row_lse(const float* x, const float* bias, unsigned c, float* r
     return lse;
 }
 
-extern "C" __global__ void xent_rows(const float* x, const float* bias, const unsigned* labels,
-                                     const float* w, float* loss, unsigned b, unsigned c) {
+// A row's label column is never masked.
+extern "C" __global__ void xent_rows(const float* x, const float* cb, const unsigned* mstart,
+                                     const unsigned* mcol, const unsigned* labels, const float* w,
+                                     float* loss, unsigned b, unsigned c) {
     __shared__ float red[XENT_THREADS];
     unsigned r = blockIdx.x;
     if (r >= b) return;
     const float* xr = x + (idx_t)r * c;
-    const float* br = bias + (idx_t)r * c;
-    float lse = row_lse(xr, br, c, red);
+    const unsigned* mask = mcol + mstart[r];
+    unsigned n = mstart[r + 1] - mstart[r];
+    float lse = row_lse(xr, cb, mask, n, c, red);
     if (threadIdx.x == 0) {
         unsigned l = labels[r];
-        loss[r] = w[r] * (lse - (xr[l] + br[l]));
+        loss[r] = w[r] * (lse - (xr[l] + cb[l]));
     }
 }
 
-extern "C" __global__ void xent_grad(const float* x, const float* bias, const unsigned* labels,
-                                     const float* w, const float* g, float* out, unsigned b,
-                                     unsigned c) {
+extern "C" __global__ void xent_grad(const float* x, const float* cb, const unsigned* mstart,
+                                     const unsigned* mcol, const unsigned* labels, const float* w,
+                                     const float* g, float* out, unsigned b, unsigned c) {
     __shared__ float red[XENT_THREADS];
     unsigned r = blockIdx.x;
     if (r >= b) return;
     const float* xr = x + (idx_t)r * c;
-    const float* br = bias + (idx_t)r * c;
-    float lse = row_lse(xr, br, c, red);
+    const unsigned* mask = mcol + mstart[r];
+    unsigned n = mstart[r + 1] - mstart[r];
+    float lse = row_lse(xr, cb, mask, n, c, red);
     float s = g[r] * w[r];
     unsigned l = labels[r];
+    unsigned p = 0;
     for (unsigned j = threadIdx.x; j < c; j += blockDim.x) {
-        float p = __expf(xr[j] + br[j] - lse);
-        out[(idx_t)r * c + j] = s * (p - (j == l ? 1.0f : 0.0f));
+        float q = __expf(xr[j] + bias_at(cb, mask, n, &p, j) - lse);
+        out[(idx_t)r * c + j] = s * (q - (j == l ? 1.0f : 0.0f));
     }
 }
 
@@ -177,6 +197,14 @@ pub fn row_mix(
 
 /// The softmax cross-entropy kernels over `(b × c)` logits `x` (with `bias`, `labels` and row
 /// weights `w`): without `g`, `xent_rows` gives each row's weighted loss
+/// The bias of a `(b × c)` logit matrix: `column` (c values) plus, for row `r`, masked columns
+/// `masked[start[r]..start[r + 1]]` (sorted, distinct, never the row's label).
+pub struct XentBias<'a> {
+    pub column: &'a [f32],
+    pub start: &'a [u32],
+    pub masked: &'a [u32],
+}
+
 /// `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`; with `g` (each row's
 /// upstream gradient), `xent_grad` gives the gradient with respect to `x`.
 #[allow(clippy::too_many_arguments)]
@@ -185,7 +213,7 @@ pub fn xent(
     layout: &Layout,
     b: usize,
     c: usize,
-    bias: &[f32],
+    bias: &XentBias,
     labels: &[u32],
     w: &[f32],
     g: Option<&[f32]>,
@@ -200,22 +228,35 @@ pub fn xent(
             "xent_rows"
         };
         let func = dev.get_or_load_custom_func(kernel, MODULE, ptx()?)?;
-        let (bias, labels, w) = (
-            dev.clone_htod(bias)?,
-            dev.clone_htod(labels)?,
-            dev.clone_htod(w)?,
+        // An empty mask list still needs a valid device pointer.
+        let masked: &[u32] = if bias.masked.is_empty() {
+            &[0]
+        } else {
+            bias.masked
+        };
+        let (column, start, masked) = (
+            dev.clone_htod(bias.column)?,
+            dev.clone_htod(bias.start)?,
+            dev.clone_htod(masked)?,
         );
+        let (labels, w) = (dev.clone_htod(labels)?, dev.clone_htod(w)?);
         let g = g.map(|g| dev.clone_htod(g)).transpose()?;
         let (b_u, c_u) = (b as u32, c as u32);
         let mut l = func.builder();
-        l.arg(&x).arg(&bias).arg(&labels).arg(&w);
+        l.arg(&x)
+            .arg(&column)
+            .arg(&start)
+            .arg(&masked)
+            .arg(&labels)
+            .arg(&w);
         if let Some(g) = &g {
             l.arg(g);
         }
         l.arg(&out).arg(&b_u).arg(&c_u);
-        // SAFETY: `x` and `bias` hold b·c values; `labels` (each < c, checked by the caller),
-        // `w` and `g` b; `out` b (losses) or b·c (gradient); one block per row of XENT_THREADS
-        // threads, the size of the kernels' shared array.
+        // SAFETY: `x` holds b·c values, `column` c; `start` b + 1 offsets into `masked`, whose
+        // columns and the `labels` are < c (checked by the caller); `w` and `g` hold b; `out`
+        // b (losses) or b·c (gradient); one block per row of XENT_THREADS threads, the size of
+        // the kernels' shared array.
         unsafe { l.launch(launch_rows(b, XENT_THREADS)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))

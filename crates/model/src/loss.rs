@@ -24,22 +24,74 @@ use crate::rowmix::cpu_f32;
 /// Value added to masked logits.
 const MASKED: f32 = -1e9;
 
+/// What is added to a `(B × C)` logit matrix: a bias per column (the logQ correction, or the
+/// out-of-vocabulary column's mask) and, per row, the masked columns (accidental hits, items the
+/// user saw), so no `B × C` matrix is built on the host or copied to a device.
+struct Bias {
+    /// `C` values, added to every row.
+    column: Vec<f32>,
+    /// Row `r`'s masked columns are `masked[start[r]..start[r + 1]]`, sorted and distinct.
+    start: Vec<u32>,
+    masked: Vec<u32>,
+}
+
+impl Bias {
+    /// `column`, and per row the columns `masked(r)` yields (any order, repeats allowed).
+    fn new<I: IntoIterator<Item = u32>>(
+        b: usize,
+        column: Vec<f32>,
+        mut masked: impl FnMut(usize) -> I,
+    ) -> Self {
+        let mut start = Vec::with_capacity(b + 1);
+        let mut all = Vec::new();
+        start.push(0);
+        for r in 0..b {
+            let from = all.len();
+            all.extend(masked(r));
+            all[from..].sort_unstable();
+            let mut kept = from;
+            for k in from..all.len() {
+                if k == from || all[k] != all[kept - 1] {
+                    all[kept] = all[k];
+                    kept += 1;
+                }
+            }
+            all.truncate(kept);
+            start.push(all.len() as u32);
+        }
+        Bias {
+            column,
+            start,
+            masked: all,
+        }
+    }
+
+    /// Row `r`'s bias into `out` (`C` values).
+    fn row(&self, r: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&self.column);
+        for &j in &self.masked[self.start[r] as usize..self.start[r + 1] as usize] {
+            out[j as usize] = MASKED;
+        }
+    }
+}
+
 /// Each row's weighted `−log softmax(logits + bias)[r, labels[r]]`, as one op (its sum is the
 /// weighted mean loss): the forward is a log-sum-exp pass per row and the backward
 /// ([`XentGrad`]) is `(softmax − one-hot) · w_r`, so a `(B × C)` logit matrix costs two passes
 /// instead of a chain of element-wise tensors (bias add, max, exp, sum, log, gather and each of
-/// their gradients).
+/// their gradients). A row's label column is never masked.
 struct SoftmaxXent {
-    /// `(B × C)`, added to the logits.
-    bias: Vec<f32>,
+    bias: Bias,
     labels: Vec<u32>,
     /// Per row weight, normalised to sum 1.
     weights: Vec<f32>,
 }
 
 impl SoftmaxXent {
-    fn new(b: usize, c: usize, bias: Vec<f32>, labels: Vec<u32>, weights: Option<&[f32]>) -> Self {
-        debug_assert_eq!(bias.len(), b * c);
+    fn new(bias: Bias, labels: Vec<u32>, weights: Option<&[f32]>) -> Self {
+        let b = labels.len();
+        debug_assert_eq!(bias.start.len(), b + 1);
         let weights = match weights {
             None => vec![1.0 / b.max(1) as f32; b],
             Some(w) => {
@@ -56,14 +108,18 @@ impl SoftmaxXent {
 
     fn check(&self, layout: &Layout) -> Result<(usize, usize)> {
         let (b, c) = layout.shape().dims2()?;
-        if b != self.labels.len() || b * c != self.bias.len() {
+        if b != self.labels.len() || c != self.bias.column.len() {
             candle_core::bail!(
-                "softmax loss over {b}×{c} logits with {} labels",
-                self.labels.len()
+                "softmax loss over {b}×{c} logits with {} labels and {} column biases",
+                self.labels.len(),
+                self.bias.column.len()
             );
         }
         if let Some(&l) = self.labels.iter().find(|&&l| l as usize >= c) {
             candle_core::bail!("label {l} out of {c} columns");
+        }
+        if let Some(&j) = self.bias.masked.iter().find(|&&j| j as usize >= c) {
+            candle_core::bail!("masked column {j} out of {c}");
         }
         Ok((b, c))
     }
@@ -78,8 +134,12 @@ impl SoftmaxXent {
         g: Option<&[f32]>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c) = self.check(layout)?;
-        let (bias, labels, w) = (&self.bias, &self.labels, &self.weights);
-        let out = crate::cuda::xent(storage, layout, b, c, bias, labels, w, g)?;
+        let bias = crate::cuda::XentBias {
+            column: &self.bias.column,
+            start: &self.bias.start,
+            masked: &self.bias.masked,
+        };
+        let out = crate::cuda::xent(storage, layout, b, c, &bias, &self.labels, &self.weights, g)?;
         let shape = if g.is_some() {
             Shape::from((b, c))
         } else {
@@ -109,11 +169,14 @@ impl CustomOp1 for SoftmaxXent {
         let (b, c) = self.check(layout)?;
         let x = cpu_f32(storage, layout, self.name())?;
         let mut loss = vec![0f32; b];
-        loss.par_iter_mut().enumerate().for_each(|(r, out)| {
-            let (xr, br) = (&x[r * c..][..c], &self.bias[r * c..][..c]);
-            let l = self.labels[r] as usize;
-            *out = self.weights[r] * (Self::lse(xr, br) - (xr[l] + br[l]));
-        });
+        loss.par_iter_mut()
+            .enumerate()
+            .for_each_init(Vec::new, |br, (r, out)| {
+                self.bias.row(r, br);
+                let xr = &x[r * c..][..c];
+                let l = self.labels[r] as usize;
+                *out = self.weights[r] * (Self::lse(xr, br) - (xr[l] + br[l]));
+            });
         Ok((CpuStorage::F32(loss), Shape::from(b)))
     }
 
@@ -154,11 +217,12 @@ impl CustomOp1 for XentGrad<'_> {
         let mut grad = vec![0f32; b * c];
         grad.par_chunks_mut(c.max(1))
             .enumerate()
-            .for_each(|(r, out)| {
+            .for_each_init(Vec::new, |br, (r, out)| {
                 let scale = self.g[r] * s.weights[r];
-                let (xr, br) = (&x[r * c..][..c], &s.bias[r * c..][..c]);
+                s.bias.row(r, br);
+                let xr = &x[r * c..][..c];
                 let lse = SoftmaxXent::lse(xr, br);
-                for ((o, x), bias) in out.iter_mut().zip(xr).zip(br) {
+                for ((o, x), bias) in out.iter_mut().zip(xr).zip(br.iter()) {
                     *o = scale * (x + bias - lse).exp();
                 }
                 out[s.labels[r] as usize] -= scale;
@@ -183,15 +247,14 @@ fn scaled_xent(
     users: &Tensor,
     cands: &Tensor,
     inv_tau: &Tensor,
-    bias: Vec<f32>,
+    bias: Bias,
     labels: Vec<u32>,
     weights: Option<&[f32]>,
 ) -> Result<Tensor> {
-    let (b, c) = (users.dim(0)?, cands.dim(0)?);
     let logits = users.broadcast_mul(inv_tau)?.matmul(&cands.t()?)?;
     logits
         .contiguous()?
-        .apply_op1(SoftmaxXent::new(b, c, bias, labels, weights))?
+        .apply_op1(SoftmaxXent::new(bias, labels, weights))?
         .sum_all()
 }
 
@@ -214,11 +277,6 @@ pub fn sampled_softmax_loss(
     seen: Option<&[Vec<u32>]>,
 ) -> Result<Tensor> {
     let b = targets.len();
-    let c = cand_ids.len();
-    let mut bias = Vec::with_capacity(b * c);
-    for _ in 0..b {
-        bias.extend(log_q.iter().map(|q| -q));
-    }
     // Columns of each candidate item (an item can be both a positive and a uniform sample).
     let mut order: Vec<(u32, u32)> = cand_ids.iter().zip(0..).map(|(&i, j)| (i, j)).collect();
     order.sort_unstable();
@@ -227,16 +285,15 @@ pub fn sampled_softmax_loss(
         order[from..]
             .iter()
             .take_while(move |&&(i, _)| i == item)
-            .map(|&(_, j)| j as usize)
+            .map(|&(_, j)| j)
     };
-    for r in 0..b {
+    let bias = Bias::new(b, log_q.iter().map(|q| -q).collect(), |r| {
         let row_seen: &[u32] = seen.map_or(&[], |s| &s[r]);
-        for item in std::iter::once(targets[r]).chain(row_seen.iter().copied()) {
-            for j in columns(item).filter(|&j| j != r) {
-                bias[r * c + j] = MASKED;
-            }
-        }
-    }
+        std::iter::once(targets[r])
+            .chain(row_seen.iter().copied())
+            .flat_map(&columns)
+            .filter(move |&j| j as usize != r)
+    });
     scaled_xent(
         users,
         cands,
@@ -260,18 +317,18 @@ pub fn full_softmax_loss(
 ) -> Result<Tensor> {
     let b = targets.len();
     let n = items.dim(0)?;
-    let mut bias = vec![0f32; b * n];
-    for r in 0..b {
-        let row = &mut bias[r * n..(r + 1) * n];
-        row[0] = MASKED;
-        if let Some(seen) = seen {
-            for &i in &seen[r] {
-                if i != targets[r] && (i as usize) < n {
-                    row[i as usize] = MASKED;
-                }
-            }
-        }
+    let mut column = vec![0f32; n];
+    if let Some(oov) = column.first_mut() {
+        *oov = MASKED;
     }
+    let bias = Bias::new(b, column, |r| {
+        let row_seen: &[u32] = seen.map_or(&[], |s| &s[r]);
+        let target = targets[r];
+        row_seen
+            .iter()
+            .copied()
+            .filter(move |&i| i != target && (i as usize) < n)
+    });
     scaled_xent(users, items, inv_tau, bias, targets.to_vec(), weights)
 }
 
