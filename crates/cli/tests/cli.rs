@@ -1101,6 +1101,8 @@ fn the_homefeed_benchmark_reports_cpu_per_request_for_every_process_at_each_rate
         "--json",
     ]))
     .unwrap();
+    // Each service process ran a one-thread runtime (the bench's default).
+    assert_eq!(out["service_worker_threads"], 1, "{out}");
     let rates = out["rates"].as_array().unwrap();
     assert_eq!(rates.len(), 2, "{out}");
     for (row, rate) in rates.iter().zip([100, 200]) {

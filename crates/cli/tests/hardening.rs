@@ -849,7 +849,14 @@ fn overload_is_shed_idle_connections_close_and_a_stall_is_survived() {
     let (ut_proc, ut, _) = user_tower(
         &artifacts,
         &log,
-        &["--max-in-flight", "2", "--idle-timeout-s", "1"],
+        &[
+            "--max-in-flight",
+            "2",
+            "--idle-timeout-s",
+            "1",
+            "--worker-threads",
+            "1",
+        ],
     );
     let rt = rt();
     rt.block_on(async {

@@ -32,6 +32,10 @@ pub struct HomefeedArgs {
     pub shards: u32,
     #[arg(long, default_value_t = 50)]
     pub k: i32,
+    /// Runtime threads of each service process (`tandem serve … --worker-threads`; 0: one per
+    /// core). The default, 1, suits this bench's shape: every process shares the same cores.
+    #[arg(long, default_value_t = 1)]
+    pub service_workers: usize,
     /// Output is always JSON; accepted for symmetry with other commands.
     #[arg(long)]
     pub json: bool,
@@ -47,10 +51,11 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[String]) -> Result<(Proc, String)> {
+fn spawn(args: &[String], workers: usize) -> Result<(Proc, String)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
+        .args(["--worker-threads", &workers.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -77,20 +82,23 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
     );
     tandem_pipeline::publish_small_synthetic_sharded(dir.path(), MODEL, 1, shards)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let (ut_proc, ut) = spawn(&s(&[
-        "serve",
-        "user-tower",
-        "--artifacts",
-        &root,
-        "--model",
-        MODEL,
-        "--listen",
-        "127.0.0.1:0",
-        "--event-log",
-        &format!("{root}/events"),
-        "--poll-ms",
-        "100",
-    ]))?;
+    let (ut_proc, ut) = spawn(
+        &s(&[
+            "serve",
+            "user-tower",
+            "--artifacts",
+            &root,
+            "--model",
+            MODEL,
+            "--listen",
+            "127.0.0.1:0",
+            "--event-log",
+            &format!("{root}/events"),
+            "--poll-ms",
+            "100",
+        ]),
+        a.service_workers,
+    )?;
     let mut hosts = Vec::new();
     for i in 0..a.hosts.max(1) {
         let mut args = s(&[
@@ -106,21 +114,24 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         if shards > 1 {
             args.extend(s(&["--shard", &(i as u32 % shards).to_string()]));
         }
-        hosts.push(spawn(&args)?);
+        hosts.push(spawn(&args, a.service_workers)?);
     }
     let urls: Vec<String> = hosts.iter().map(|h| h.1.clone()).collect();
-    let (hf_proc, hf) = spawn(&s(&[
-        "serve",
-        "homefeed",
-        "--model",
-        MODEL,
-        "--ann-hosts",
-        &urls.join(","),
-        "--user-tower",
-        &ut,
-        "--listen",
-        "127.0.0.1:0",
-    ]))?;
+    let (hf_proc, hf) = spawn(
+        &s(&[
+            "serve",
+            "homefeed",
+            "--model",
+            MODEL,
+            "--ann-hosts",
+            &urls.join(","),
+            "--user-tower",
+            &ut,
+            "--listen",
+            "127.0.0.1:0",
+        ]),
+        a.service_workers,
+    )?;
     let mut procs: Vec<(String, u32)> = vec![("user_tower".into(), ut_proc.0.id())];
     procs.extend(
         hosts
@@ -160,6 +171,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
                 "bench": "homefeed",
                 "processes": { "user_tower": 1, "ann_hosts": a.hosts, "orchestrator": 1 },
                 "shards": shards,
+                "service_worker_threads": a.service_workers,
                 "k": a.k,
                 "seconds_per_rate": a.seconds,
                 "rates": rows,

@@ -85,6 +85,11 @@ pub struct ServerArgs {
     /// Close a connection after this many seconds without a byte in either direction.
     #[arg(long, env = "TANDEM_IDLE_TIMEOUT_S", default_value_t = Limits::default().idle_timeout.as_secs())]
     pub idle_timeout_s: u64,
+    /// Threads of the async runtime that serves requests (0: one per core). Where several
+    /// service processes share a machine's cores, 1 each spends less CPU per request (fewer
+    /// wake-ups of a second thread for one request's work).
+    #[arg(long, env = "TANDEM_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 impl ServerArgs {
@@ -264,9 +269,17 @@ pub struct AnnArgs {
 }
 
 pub fn run(s: Serve) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let workers = match &s {
+        Serve::Ann(a) => a.server.worker_threads,
+        Serve::UserTower(a) => a.server.worker_threads,
+        Serve::Homefeed(a) => a.server.worker_threads,
+        Serve::Dashboard(_) => 0,
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        rt.worker_threads(workers);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         match s {
             Serve::Ann(a) => serve_ann(a).await,
