@@ -44,19 +44,14 @@ impl Bias {
     ) -> Self {
         let mut start = Vec::with_capacity(b + 1);
         let mut all = Vec::new();
+        let mut row = Vec::new();
         start.push(0);
         for r in 0..b {
-            let from = all.len();
-            all.extend(masked(r));
-            all[from..].sort_unstable();
-            let mut kept = from;
-            for k in from..all.len() {
-                if k == from || all[k] != all[kept - 1] {
-                    all[kept] = all[k];
-                    kept += 1;
-                }
-            }
-            all.truncate(kept);
+            row.clear();
+            row.extend(masked(r));
+            row.sort_unstable();
+            row.dedup();
+            all.extend_from_slice(&row);
             start.push(all.len() as u32);
         }
         Bias {
@@ -66,11 +61,16 @@ impl Bias {
         }
     }
 
+    /// Row `r`'s masked columns.
+    fn masked_of(&self, r: usize) -> &[u32] {
+        &self.masked[self.start[r] as usize..self.start[r + 1] as usize]
+    }
+
     /// Row `r`'s bias into `out` (`C` values).
     fn row(&self, r: usize, out: &mut Vec<f32>) {
         out.clear();
         out.extend_from_slice(&self.column);
-        for &j in &self.masked[self.start[r] as usize..self.start[r + 1] as usize] {
+        for &j in self.masked_of(r) {
             out[j as usize] = MASKED;
         }
     }
@@ -120,6 +120,15 @@ impl SoftmaxXent {
         }
         if let Some(&j) = self.bias.masked.iter().find(|&&j| j as usize >= c) {
             candle_core::bail!("masked column {j} out of {c}");
+        }
+        let masks_label = |r: usize| {
+            self.bias
+                .masked_of(r)
+                .binary_search(&self.labels[r])
+                .is_ok()
+        };
+        if let Some(r) = (0..b).find(|&r| masks_label(r)) {
+            candle_core::bail!("row {r}'s label column is masked");
         }
         Ok((b, c))
     }
@@ -336,6 +345,34 @@ pub fn full_softmax_loss(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn mask_lists_are_sorted_and_distinct_and_a_masked_label_is_refused() {
+        let bias = Bias::new(3, vec![0.5; 4], |r| match r {
+            0 => vec![3, 1, 3],
+            1 => vec![],
+            _ => vec![2],
+        });
+        assert_eq!(
+            (bias.start.clone(), bias.masked.clone()),
+            (vec![0, 2, 2, 3], vec![1, 3, 2])
+        );
+        let mut row = Vec::new();
+        bias.row(0, &mut row);
+        assert_eq!(row, [0.5, MASKED, 0.5, MASKED]);
+
+        let logits = Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ok = logits.apply_op1(SoftmaxXent::new(bias, vec![0, 1, 3], None));
+        assert!(ok.is_ok(), "{ok:?}");
+        let bias = Bias::new(3, vec![0.5; 4], |r| if r == 2 { vec![2] } else { vec![] });
+        let e = logits
+            .apply_op1(SoftmaxXent::new(bias, vec![0, 1, 2], None))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("row 2's label column is masked"),
+            "{e}"
+        );
+    }
 
     /// The loss and its gradient computed by hand in f64 (softmax − one-hot, chain rule).
     fn by_hand(

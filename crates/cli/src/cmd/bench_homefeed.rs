@@ -51,11 +51,20 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[String], workers: usize) -> Result<(Proc, String)> {
+/// `tandem serve SERVICE` on a free loopback port with `workers` runtime threads, plus `args`.
+fn spawn(service: &str, args: &[String], workers: usize) -> Result<(Proc, String)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .args(args)
+        .args([
+            "serve",
+            service,
+            "--model",
+            MODEL,
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(["--worker-threads", &workers.to_string()])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -82,55 +91,32 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
     );
     tandem_pipeline::publish_small_synthetic_sharded(dir.path(), MODEL, 1, shards)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let workers = a.service_workers;
     let (ut_proc, ut) = spawn(
+        "user-tower",
         &s(&[
-            "serve",
-            "user-tower",
             "--artifacts",
             &root,
-            "--model",
-            MODEL,
-            "--listen",
-            "127.0.0.1:0",
             "--event-log",
             &format!("{root}/events"),
             "--poll-ms",
             "100",
         ]),
-        a.service_workers,
+        workers,
     )?;
     let mut hosts = Vec::new();
     for i in 0..a.hosts.max(1) {
-        let mut args = s(&[
-            "serve",
-            "ann",
-            "--artifacts",
-            &root,
-            "--model",
-            MODEL,
-            "--listen",
-            "127.0.0.1:0",
-        ]);
+        let mut args = s(&["--artifacts", &root]);
         if shards > 1 {
             args.extend(s(&["--shard", &(i as u32 % shards).to_string()]));
         }
-        hosts.push(spawn(&args, a.service_workers)?);
+        hosts.push(spawn("ann", &args, workers)?);
     }
     let urls: Vec<String> = hosts.iter().map(|h| h.1.clone()).collect();
     let (hf_proc, hf) = spawn(
-        &s(&[
-            "serve",
-            "homefeed",
-            "--model",
-            MODEL,
-            "--ann-hosts",
-            &urls.join(","),
-            "--user-tower",
-            &ut,
-            "--listen",
-            "127.0.0.1:0",
-        ]),
-        a.service_workers,
+        "homefeed",
+        &s(&["--ann-hosts", &urls.join(","), "--user-tower", &ut]),
+        workers,
     )?;
     let mut procs: Vec<(String, u32)> = vec![("user_tower".into(), ut_proc.0.id())];
     procs.extend(
