@@ -195,25 +195,17 @@ pub fn row_mix(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The softmax cross-entropy kernels over `(b × c)` logits `x` (with `bias`, `labels` and row
-/// weights `w`): without `g`, `xent_rows` gives each row's weighted loss
-/// The bias of a `(b × c)` logit matrix: `column` (c values) plus, for row `r`, masked columns
-/// `masked[start[r]..start[r + 1]]` (sorted, distinct, never the row's label).
-pub struct XentBias<'a> {
-    pub column: &'a [f32],
-    pub start: &'a [u32],
-    pub masked: &'a [u32],
-}
-
-/// `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`; with `g` (each row's
-/// upstream gradient), `xent_grad` gives the gradient with respect to `x`.
+/// The softmax cross-entropy kernels over `(b × c)` logits: without `g`, `xent_rows` gives each
+/// row's `w[r] · (logsumexp(x_r + bias_r) − x[r, label] − bias[r, label])`; with `g` (each row's
+/// upstream gradient), `xent_grad` gives the gradient with respect to `x`. `bias` is checked
+/// against `b`, `c` and the labels when the loss op is built.
 #[allow(clippy::too_many_arguments)]
 pub fn xent(
     storage: &CudaStorage,
     layout: &Layout,
     b: usize,
     c: usize,
-    bias: &XentBias,
+    bias: &crate::loss::Bias,
     labels: &[u32],
     w: &[f32],
     g: Option<&[f32]>,
@@ -232,11 +224,11 @@ pub fn xent(
         let masked: &[u32] = if bias.masked.is_empty() {
             &[0]
         } else {
-            bias.masked
+            &bias.masked
         };
         let (column, start, masked) = (
-            dev.clone_htod(bias.column)?,
-            dev.clone_htod(bias.start)?,
+            dev.clone_htod(&bias.column)?,
+            dev.clone_htod(&bias.start)?,
             dev.clone_htod(masked)?,
         );
         let (labels, w) = (dev.clone_htod(labels)?, dev.clone_htod(w)?);

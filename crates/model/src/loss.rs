@@ -27,12 +27,12 @@ const MASKED: f32 = -1e9;
 /// What is added to a `(B × C)` logit matrix: a bias per column (the logQ correction, or the
 /// out-of-vocabulary column's mask) and, per row, the masked columns (accidental hits, items the
 /// user saw), so no `B × C` matrix is built on the host or copied to a device.
-struct Bias {
+pub(crate) struct Bias {
     /// `C` values, added to every row.
-    column: Vec<f32>,
+    pub(crate) column: Vec<f32>,
     /// Row `r`'s masked columns are `masked[start[r]..start[r + 1]]`, sorted and distinct.
-    start: Vec<u32>,
-    masked: Vec<u32>,
+    pub(crate) start: Vec<u32>,
+    pub(crate) masked: Vec<u32>,
 }
 
 impl Bias {
@@ -89,9 +89,26 @@ struct SoftmaxXent {
 }
 
 impl SoftmaxXent {
-    fn new(bias: Bias, labels: Vec<u32>, weights: Option<&[f32]>) -> Self {
-        let b = labels.len();
-        debug_assert_eq!(bias.start.len(), b + 1);
+    /// Checks the labels and mask lists against the `C` columns once, here, so the forward and
+    /// the backward only check the logits' shape.
+    fn new(bias: Bias, labels: Vec<u32>, weights: Option<&[f32]>) -> Result<Self> {
+        let (b, c) = (labels.len(), bias.column.len());
+        if bias.start.len() != b + 1 {
+            candle_core::bail!(
+                "{} rows of masks for {b} labels",
+                bias.start.len().saturating_sub(1)
+            );
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= c) {
+            candle_core::bail!("label {l} out of {c} columns");
+        }
+        if let Some(&j) = bias.masked.iter().find(|&&j| j as usize >= c) {
+            candle_core::bail!("masked column {j} out of {c}");
+        }
+        let masks_label = |r: usize| bias.masked_of(r).binary_search(&labels[r]).is_ok();
+        if let Some(r) = (0..b).find(|&r| masks_label(r)) {
+            candle_core::bail!("row {r}'s label column is masked");
+        }
         let weights = match weights {
             None => vec![1.0 / b.max(1) as f32; b],
             Some(w) => {
@@ -99,11 +116,11 @@ impl SoftmaxXent {
                 w.iter().map(|x| x / total).collect()
             }
         };
-        SoftmaxXent {
+        Ok(SoftmaxXent {
             bias,
             labels,
             weights,
-        }
+        })
     }
 
     fn check(&self, layout: &Layout) -> Result<(usize, usize)> {
@@ -114,21 +131,6 @@ impl SoftmaxXent {
                 self.labels.len(),
                 self.bias.column.len()
             );
-        }
-        if let Some(&l) = self.labels.iter().find(|&&l| l as usize >= c) {
-            candle_core::bail!("label {l} out of {c} columns");
-        }
-        if let Some(&j) = self.bias.masked.iter().find(|&&j| j as usize >= c) {
-            candle_core::bail!("masked column {j} out of {c}");
-        }
-        let masks_label = |r: usize| {
-            self.bias
-                .masked_of(r)
-                .binary_search(&self.labels[r])
-                .is_ok()
-        };
-        if let Some(r) = (0..b).find(|&r| masks_label(r)) {
-            candle_core::bail!("row {r}'s label column is masked");
         }
         Ok((b, c))
     }
@@ -143,12 +145,8 @@ impl SoftmaxXent {
         g: Option<&[f32]>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c) = self.check(layout)?;
-        let bias = crate::cuda::XentBias {
-            column: &self.bias.column,
-            start: &self.bias.start,
-            masked: &self.bias.masked,
-        };
-        let out = crate::cuda::xent(storage, layout, b, c, &bias, &self.labels, &self.weights, g)?;
+        let (bias, labels, w) = (&self.bias, &self.labels, &self.weights);
+        let out = crate::cuda::xent(storage, layout, b, c, bias, labels, w, g)?;
         let shape = if g.is_some() {
             Shape::from((b, c))
         } else {
@@ -263,7 +261,7 @@ fn scaled_xent(
     let logits = users.broadcast_mul(inv_tau)?.matmul(&cands.t()?)?;
     logits
         .contiguous()?
-        .apply_op1(SoftmaxXent::new(bias, labels, weights))?
+        .apply_op1(SoftmaxXent::new(bias, labels, weights)?)?
         .sum_all()
 }
 
@@ -362,12 +360,12 @@ mod tests {
         assert_eq!(row, [0.5, MASKED, 0.5, MASKED]);
 
         let logits = Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let ok = logits.apply_op1(SoftmaxXent::new(bias, vec![0, 1, 3], None));
+        let ok = logits.apply_op1(SoftmaxXent::new(bias, vec![0, 1, 3], None).unwrap());
         assert!(ok.is_ok(), "{ok:?}");
         let bias = Bias::new(3, vec![0.5; 4], |r| if r == 2 { vec![2] } else { vec![] });
-        let e = logits
-            .apply_op1(SoftmaxXent::new(bias, vec![0, 1, 2], None))
-            .unwrap_err();
+        let e = SoftmaxXent::new(bias, vec![0, 1, 2], None)
+            .err()
+            .expect("a masked label is refused");
         assert!(
             e.to_string().contains("row 2's label column is masked"),
             "{e}"
