@@ -1128,4 +1128,28 @@ fn the_homefeed_benchmark_reports_cpu_per_request_for_every_process_at_each_rate
         .map(|r| r["load_generator_cpu_us_per_request"].as_f64().unwrap())
         .sum();
     assert!(load_gen > 0.0, "{out}");
+    let steal = rates[0]["host_steal_pct"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&steal), "{out}");
+
+    // With the user tower micro-batching, every answer still comes and the mean batch size
+    // is reported from the user tower's own counters.
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "homefeed",
+        "--rate",
+        "300",
+        "--seconds",
+        "1",
+        "--embed-batch-max",
+        "4",
+        "--embed-batch-wait-us",
+        "300",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(out["embed_batching"]["max"], 4, "{out}");
+    let row = &out["rates"][0];
+    assert_eq!(row["errors"], 0, "{row}");
+    let mean = row["embed_mean_batch"].as_f64().unwrap();
+    assert!((1.0..=4.0).contains(&mean), "{row}");
 }

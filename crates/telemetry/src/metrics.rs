@@ -108,6 +108,10 @@ pub mod catalogue {
         "tandem_usertower_embeddings_total",
         "User embeddings served, by model version.",
     );
+    pub const UT_EMBED_BATCHES: Metric = Metric::counter(
+        "tandem_usertower_embed_batches_total",
+        "Batched forwards run by the Embed micro-batcher (embeddings / batches: mean batch size).",
+    );
     pub const UT_VERSION_REFUSALS: Metric = Metric::counter(
         "tandem_usertower_version_refusals_total",
         "Embed requests for a version the user tower does not hold.",
@@ -182,6 +186,7 @@ pub mod catalogue {
         ANN_VERSION_REFUSALS,
         UT_VERSIONS_LOADED,
         UT_EMBEDDINGS,
+        UT_EMBED_BATCHES,
         UT_VERSION_REFUSALS,
         UT_EVENTS,
         UT_REPLICATION_LAG,
@@ -213,14 +218,27 @@ enum Series {
 
 struct Family {
     metric: Metric,
-    series: BTreeMap<Labels, Series>,
+    /// Sorted by labels, so a hot-path update finds its series by binary search over borrowed
+    /// labels (no key allocated) and rendering keeps a stable order.
+    series: Vec<(Labels, Series)>,
+}
+
+impl Family {
+    /// Where the series labelled `l` is (`Ok`), or where it belongs (`Err`).
+    fn find(&self, l: &[(&'static str, &str)]) -> Result<usize, usize> {
+        self.series.binary_search_by(|(k, _)| {
+            k.iter()
+                .map(|(n, v)| (*n, v.as_str()))
+                .cmp(l.iter().copied())
+        })
+    }
 }
 
 /// `m`'s family, created empty on first use.
 fn family<'a>(fams: &'a mut BTreeMap<&'static str, Family>, m: &Metric) -> &'a mut Family {
     fams.entry(m.name).or_insert_with(|| Family {
         metric: *m,
-        series: BTreeMap::new(),
+        series: Vec::new(),
     })
 }
 
@@ -259,18 +277,20 @@ impl Registry {
 
     fn with_series(&self, m: &Metric, l: &[(&'static str, &str)], f: impl FnOnce(&mut Series)) {
         let mut fams = self.families.lock().expect("metrics lock poisoned");
-        let s = family(&mut fams, m)
-            .series
-            .entry(labels(l))
-            .or_insert_with(|| match m.kind {
+        let fam = family(&mut fams, m);
+        let at = fam.find(l).unwrap_or_else(|at| {
+            let fresh = match m.kind {
                 Kind::Histogram(b) => Series::Histogram {
                     counts: vec![0; b.len()],
                     sum: 0.0,
                     count: 0,
                 },
                 _ => Series::Value(0.0),
-            });
-        f(s);
+            };
+            fam.series.insert(at, (labels(l), fresh));
+            at
+        });
+        f(&mut fam.series[at].1);
     }
 
     /// Adds `by` to a counter (or gauge).
@@ -313,7 +333,8 @@ impl Registry {
     /// Replaces every series of a gauge at once (a label that disappeared must not linger).
     pub fn replace(&self, m: &Metric, series: Vec<(Vec<(&'static str, String)>, f64)>) {
         let mut fams = self.families.lock().expect("metrics lock poisoned");
-        family(&mut fams, m).series = series
+        let sorted: BTreeMap<Labels, f64> = series.into_iter().collect();
+        family(&mut fams, m).series = sorted
             .into_iter()
             .map(|(l, v)| (l, Series::Value(v)))
             .collect();
@@ -322,7 +343,8 @@ impl Registry {
     /// The current value of a counter or gauge series (tests and reports).
     pub fn value(&self, m: &Metric, l: &[(&'static str, &str)]) -> Option<f64> {
         let fams = self.families.lock().expect("metrics lock poisoned");
-        match fams.get(m.name)?.series.get(&labels(l))? {
+        let fam = fams.get(m.name)?;
+        match &fam.series[fam.find(l).ok()?].1 {
             Series::Value(v) => Some(*v),
             Series::Histogram { count, .. } => Some(*count as f64),
         }
@@ -582,6 +604,41 @@ mod tests {
             r.value(&HF_HOSTS_PER_VERSION, &[("version", "v2")]),
             Some(3.0)
         );
+    }
+
+    #[test]
+    fn series_updated_in_any_order_stay_distinct_and_render_sorted() {
+        let r = Registry::new();
+        let codes = [
+            "UNAVAILABLE",
+            "OK",
+            "NOT_FOUND",
+            "OK",
+            "ABORTED",
+            "OK",
+            "NOT_FOUND",
+        ];
+        for (k, code) in codes.iter().enumerate() {
+            let rpc = if k % 2 == 0 { "/b" } else { "/a" };
+            r.inc(&RPC_REQUESTS, &[("rpc", rpc), ("code", code)]);
+        }
+        let count = |rpc, code| r.value(&RPC_REQUESTS, &[("rpc", rpc), ("code", code)]);
+        assert_eq!(count("/a", "OK"), Some(3.0));
+        assert_eq!(count("/b", "NOT_FOUND"), Some(2.0));
+        assert_eq!(count("/b", "UNAVAILABLE"), Some(1.0));
+        assert_eq!(count("/b", "ABORTED"), Some(1.0));
+        assert_eq!(count("/a", "ABORTED"), None);
+        // A prefix of a series' labels is another series.
+        assert_eq!(r.value(&RPC_REQUESTS, &[("rpc", "/a")]), None);
+        let text = r.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tandem_rpc_requests_total{"))
+            .collect();
+        let mut sorted = lines.clone();
+        sorted.sort();
+        assert_eq!(lines, sorted);
+        assert_eq!(lines.len(), 4);
     }
 
     #[test]

@@ -2,16 +2,19 @@
 //! fed by live engagement events.
 //!
 //! - [`online`]: per-user recent engagement and the durable segment log.
+//! - [`batch`]: optional micro-batching of Embed calls.
 //! - [`service`]: the domain logic ([`UserTower`]): versions, embed, record.
 //! - [`replica`]: replicated mode, following the NATS JetStream engagement stream.
 //! - [`grpc`]: the thin tonic adapter.
 //! - [`serve`]: the registry poller on the server kit (health, reflection, metrics, shutdown).
 
+pub mod batch;
 pub mod grpc;
 pub mod online;
 pub mod replica;
 pub mod service;
 
+pub use batch::EmbedBatching;
 pub use service::{NatsConfig, UserTower, UserTowerConfig, UserTowerError};
 
 use std::future::Future;

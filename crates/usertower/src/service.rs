@@ -15,6 +15,7 @@ use tandem_types::{ModelVersion, MODELS};
 
 use tandem_stream::{Delivered, EventStream, NatsOptions};
 
+use crate::batch::{Batcher, EmbedBatching, Job};
 use crate::online::{Event, EventLogWriter, Fsync, OnlineStore};
 
 /// Replicated mode: engagement lives in a NATS JetStream stream every replica follows.
@@ -50,6 +51,8 @@ pub struct UserTowerConfig {
     pub max_sequence_wait: Duration,
     /// Drill only: sleep this long after applying each stream message (a slow replica).
     pub fault_apply_delay: Duration,
+    /// Micro-batching of Embed calls (off by default: measured slower, see the README).
+    pub embed_batching: EmbedBatching,
 }
 
 impl UserTowerConfig {
@@ -68,6 +71,7 @@ impl UserTowerConfig {
             nats: None,
             max_sequence_wait: Duration::from_secs(1),
             fault_apply_delay: Duration::ZERO,
+            embed_batching: EmbedBatching::default(),
         }
     }
 }
@@ -187,6 +191,7 @@ pub struct UserTower {
     /// Versions that failed to load, with polls since (for the retry back-off).
     failed: Mutex<HashMap<ModelVersion, u64>>,
     metrics: Arc<tandem_telemetry::Registry>,
+    batcher: std::sync::OnceLock<Batcher>,
 }
 
 impl UserTower {
@@ -230,6 +235,9 @@ impl UserTower {
         if cfg.nats.is_some() {
             metrics.register(&[m::UT_REPLICATION_LAG]);
         }
+        if cfg.embed_batching.enabled() {
+            metrics.register(&[m::UT_EMBED_BATCHES]);
+        }
         UserTower {
             metrics,
             registry: Registry::open(&cfg.artifacts),
@@ -244,6 +252,7 @@ impl UserTower {
                 problem: Mutex::new(None),
             },
             failed: Mutex::new(HashMap::new()),
+            batcher: std::sync::OnceLock::new(),
         }
     }
 
@@ -552,45 +561,67 @@ impl UserTower {
             (req.recent_items, Vec::new())
         };
         let ts = req.request_time.unwrap_or_else(now_unix);
-        let metrics = self.metrics.clone();
-        // The mean and attention encoders take ~0.1 ms for one user: inline. The transformer
-        // runs on the blocking pool so the async workers keep serving other requests.
-        let cheap = loaded.model.cfg.user_encoder != tandem_model::config::UserEncoder::Transformer;
-        tandem_server::run_cpu(cheap, move || {
-            let m = &loaded.model;
-            let (ids, id_times): (Vec<u32>, Vec<i64>) = history
-                .iter()
-                .enumerate()
-                .map(|(k, i)| (m.item_id(i), times.get(k).copied()))
-                .filter(|&(i, _)| i != 0)
-                .map(|(i, t)| (i, t.unwrap_or_default()))
-                .unzip();
-            let used = ids.len().min(m.cfg.history);
-            let features = (!req.features.is_empty()).then_some(&req.features);
-            let r = UserRequest {
-                user: &req.user_id,
-                history: ids,
-                history_ts: if times.is_empty() {
-                    Vec::new()
-                } else {
-                    id_times
-                },
-                ts,
-                features,
-            };
-            let v = m
-                .embed_vectors(&[r])
-                .map_err(|e| UserTowerError::Internal(e.to_string()))?;
-            metrics.inc(&m::UT_EMBEDDINGS, &[("version", &version.to_string())]);
-            Ok(Embedding {
-                vector: v,
-                history,
-                version,
-                history_length: used,
-            })
+        let model = &loaded.model;
+        let (ids, id_times): (Vec<u32>, Vec<i64>) = history
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (model.item_id(i), times.get(k).copied()))
+            .filter(|&(i, _)| i != 0)
+            .map(|(i, t)| (i, t.unwrap_or_default()))
+            .unzip();
+        let used = ids.len().min(model.cfg.history);
+        let cheap = model.cfg.user_encoder != tandem_model::config::UserEncoder::Transformer;
+        let job = Job {
+            loaded: loaded.clone(),
+            user: req.user_id,
+            history: ids,
+            history_ts: if times.is_empty() {
+                Vec::new()
+            } else {
+                id_times
+            },
+            ts,
+            features: req.features,
+        };
+        let vector = match self.batcher() {
+            Some(b) => b.embed(job).await.map_err(UserTowerError::Internal)?,
+            None => {
+                // The mean and attention encoders take ~0.1 ms for one user: inline. The
+                // transformer runs on the blocking pool so the async workers keep serving.
+                tandem_server::run_cpu(cheap, move || {
+                    let r = UserRequest {
+                        user: &job.user,
+                        history: job.history,
+                        history_ts: job.history_ts,
+                        ts: job.ts,
+                        features: (!job.features.is_empty()).then_some(&job.features),
+                    };
+                    job.loaded.model.embed_vectors(&[r])
+                })
+                .await
+                .map_err(|e| UserTowerError::Internal(e.to_string()))?
+                .map_err(|e| UserTowerError::Internal(e.to_string()))?
+            }
+        };
+        self.metrics
+            .inc(&m::UT_EMBEDDINGS, &[("version", &version.to_string())]);
+        Ok(Embedding {
+            vector,
+            history,
+            version,
+            history_length: used,
         })
-        .await
-        .map_err(|e| UserTowerError::Internal(e.to_string()))?
+    }
+
+    /// The micro-batcher, started on first use when batching is configured.
+    fn batcher(&self) -> Option<&Batcher> {
+        if !self.cfg.embed_batching.enabled() {
+            return None;
+        }
+        Some(
+            self.batcher
+                .get_or_init(|| Batcher::start(self.cfg.embed_batching, self.metrics.clone())),
+        )
     }
 
     /// Validates, makes durable, then applies to the online state. Invalid events are counted

@@ -13,7 +13,7 @@ use tandem_proto::usertower::v1 as pb;
 use tandem_proto::usertower::v1::user_tower_client::UserTowerClient;
 use tandem_registry::{LocalFs, Storage, MODELS};
 use tandem_types::{ModelManifest, ModelVersion};
-use tandem_usertower::{serve, UserTower, UserTowerConfig};
+use tandem_usertower::{serve, EmbedBatching, UserTower, UserTowerConfig};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -66,6 +66,7 @@ fn publish_with(root: &Path, seed: u64, encoder: UserEncoder) -> PathBuf {
 
 struct Running {
     client: UserTowerClient<Channel>,
+    core: Arc<UserTower>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -78,16 +79,22 @@ impl Running {
 }
 
 async fn start(root: &Path, log: &Path) -> Running {
+    start_with(root, log, |_| {}).await
+}
+
+async fn start_with(root: &Path, log: &Path, adjust: impl FnOnce(&mut UserTowerConfig)) -> Running {
     let mut cfg = UserTowerConfig::new(root.to_path_buf(), "m", log.to_path_buf());
     cfg.poll = Duration::from_millis(50);
     cfg.history_cap = 50;
+    adjust(&mut cfg);
     let core = Arc::new(UserTower::open(cfg).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = core.clone();
     let done = tokio::spawn(async move {
         serve(
-            core,
+            served,
             listener,
             async move {
                 let _ = rx.await;
@@ -102,6 +109,7 @@ async fn start(root: &Path, log: &Path) -> Running {
         .unwrap();
     Running {
         client,
+        core,
         stop: Some(tx),
         done: Some(done),
     }
@@ -211,6 +219,53 @@ async fn every_loaded_version_matches_its_offline_model_and_publishing_rotates_v
             .unwrap_err()
             .code(),
         Code::NotFound
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_batched_embeds_equal_the_offline_model_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (1..=2).map(|s| publish_version(dir.path(), s)).collect();
+    let mut s = start_with(dir.path(), &dir.path().join("log"), |cfg| {
+        cfg.embed_batching = EmbedBatching {
+            max: 8,
+            wait: Duration::from_millis(5),
+        };
+    })
+    .await;
+    wait_loaded(&mut s.client, &["v1", "v2"]).await;
+    let items = ["i1", "i2", "i3", "i5", "i8", "i13"];
+    let calls = 48;
+    let mut asks = tokio::task::JoinSet::new();
+    for n in 0..calls {
+        let mut c = s.client.clone();
+        let v = format!("v{}", 1 + n % 2);
+        let user = format!("u{}", n % 7);
+        let hist: Vec<&str> = items
+            .iter()
+            .copied()
+            .cycle()
+            .skip(n % 5)
+            .take(1 + n % 4)
+            .collect();
+        asks.spawn(async move {
+            let got = c.embed(embed(&v, &user, &hist)).await.unwrap().into_inner();
+            (n, v, user, hist, got)
+        });
+    }
+    for (n, v, user, hist, got) in asks.join_all().await {
+        // Each answer is its own request's row of its own version's model.
+        assert_eq!(got.model_version, v);
+        let want = offline(&dirs[n % 2], &user, &hist, 1_704_200_000);
+        assert!(max_diff(&got.embedding, &want) <= 1e-6, "call {n}");
+    }
+    let metric = |m| s.core.metrics().value(m, &[]).unwrap_or(0.0);
+    let batches = metric(&tandem_telemetry::catalogue::UT_EMBED_BATCHES);
+    assert!(batches >= 1.0, "the batcher ran");
+    assert!(
+        batches < calls as f64,
+        "{batches} batches for {calls} concurrent calls"
     );
     s.stop().await;
 }

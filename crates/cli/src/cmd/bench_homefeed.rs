@@ -36,6 +36,13 @@ pub struct HomefeedArgs {
     /// core). The default, 1, suits this bench's shape: every process shares the same cores.
     #[arg(long, default_value_t = 1)]
     pub service_workers: usize,
+    /// The user tower's micro-batching (`tandem serve user-tower --embed-batch-max`; 1: off).
+    /// When on, each rate's row reports the mean batch size.
+    #[arg(long, default_value_t = 1)]
+    pub embed_batch_max: usize,
+    /// `tandem serve user-tower --embed-batch-wait-us`.
+    #[arg(long, default_value_t = 0)]
+    pub embed_batch_wait_us: u64,
     /// Output is always JSON; accepted for symmetry with other commands.
     #[arg(long)]
     pub json: bool,
@@ -92,18 +99,30 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
     tandem_pipeline::publish_small_synthetic_sharded(dir.path(), MODEL, 1, shards)?;
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let workers = a.service_workers;
-    let (ut_proc, ut) = spawn(
-        "user-tower",
-        &s(&[
-            "--artifacts",
-            &root,
-            "--event-log",
-            &format!("{root}/events"),
-            "--poll-ms",
-            "100",
-        ]),
-        workers,
-    )?;
+    let mut ut_args = s(&[
+        "--artifacts",
+        &root,
+        "--event-log",
+        &format!("{root}/events"),
+        "--poll-ms",
+        "100",
+    ]);
+    // With batching on, the user tower's metrics tell the mean batch size.
+    let ut_metrics = if a.embed_batch_max > 1 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        ut_args.extend(s(&[
+            "--embed-batch-max",
+            &a.embed_batch_max.to_string(),
+            "--embed-batch-wait-us",
+            &a.embed_batch_wait_us.to_string(),
+            "--metrics-listen",
+            &addr.to_string(),
+        ]));
+        Some(addr)
+    } else {
+        None
+    };
+    let (ut_proc, ut) = spawn("user-tower", &ut_args, workers)?;
     let mut hosts = Vec::new();
     for i in 0..a.hosts.max(1) {
         let mut args = s(&["--artifacts", &root]);
@@ -147,7 +166,22 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         }
         let mut rows = Vec::new();
         for &rate in &a.rate {
-            rows.push(load(&client, rate, a.seconds, a.k, &procs).await?);
+            let counts = || -> Result<Option<(f64, f64)>> {
+                ut_metrics
+                    .map(|addr| {
+                        Ok((
+                            counter_total(addr, "tandem_usertower_embeddings_total")?,
+                            counter_total(addr, "tandem_usertower_embed_batches_total")?,
+                        ))
+                    })
+                    .transpose()
+            };
+            let before = counts()?;
+            let mut row = load(&client, rate, a.seconds, a.k, &procs).await?;
+            if let (Some((e0, b0)), Some((e1, b1))) = (before, counts()?) {
+                row["embed_mean_batch"] = serde_json::json!((e1 - e0) / (b1 - b0).max(1.0));
+            }
+            rows.push(row);
             // Let the services go quiet before the next rate.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -158,6 +192,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
                 "processes": { "user_tower": 1, "ann_hosts": a.hosts, "orchestrator": 1 },
                 "shards": shards,
                 "service_worker_threads": a.service_workers,
+                "embed_batching": { "max": a.embed_batch_max, "wait_us": a.embed_batch_wait_us },
                 "k": a.k,
                 "seconds_per_rate": a.seconds,
                 "rates": rows,
@@ -186,6 +221,7 @@ async fn load(
         .map(|(_, pid)| cpu_seconds(&pid.to_string()))
         .collect::<Result<_>>()?;
     let own_before = cpu_seconds("self")?;
+    let host_before = host_ticks();
     // Open loop: a request every 1/rate seconds whether or not earlier ones have finished.
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -223,6 +259,10 @@ async fn load(
         per_process.insert(name.clone(), serde_json::json!(per_request(used)));
     }
     let own = cpu_seconds("self")? - own_before;
+    // Time the hypervisor gave this VM's CPUs to others: runs with a high share are noise.
+    let steal = host_before
+        .zip(host_ticks())
+        .map(|((s0, t0), (s1, t1))| 100.0 * (s1 - s0) as f64 / (t1 - t0).max(1) as f64);
     let mut lat = std::mem::take(&mut *lat.lock().expect("lock"));
     let [p50, p99, p999] = percentiles(&mut lat, [0.5, 0.99, 0.999]);
     Ok(serde_json::json!({
@@ -239,7 +279,37 @@ async fn load(
         "service_cpu_us_per_request": per_request(service),
         "per_process_cpu_us_per_request": per_process,
         "load_generator_cpu_us_per_request": per_request(own),
+        "host_steal_pct": steal,
     }))
+}
+
+/// Steal and total ticks of all CPUs from `/proc/stat` (`None` where it cannot be read).
+fn host_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, counted in user].
+    Some((*f.get(7)?, f.iter().take(8).sum()))
+}
+
+/// The sum of every series of counter `name` on a service's Prometheus endpoint.
+fn counter_total(addr: std::net::SocketAddr, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("metrics at {addr}"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 /// CPU seconds (user + system, every thread) process `pid` (or `self`) has used, from

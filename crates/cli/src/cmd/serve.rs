@@ -226,6 +226,14 @@ pub struct UserTowerArgs {
     /// Events older than this many days are rejected.
     #[arg(long, default_value_t = 30)]
     pub max_event_age_days: u64,
+    /// Micro-batch concurrent Embed calls into one forward of at most this many users (1: off,
+    /// the default; measured slower than one fused forward per request, see the README).
+    #[arg(long, default_value_t = 1)]
+    pub embed_batch_max: usize,
+    /// With --embed-batch-max > 1: how long an open batch waits for more requests, in
+    /// microseconds (0: only what is already queued).
+    #[arg(long, default_value_t = 0)]
+    pub embed_batch_wait_us: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -341,6 +349,10 @@ async fn serve_user_tower(a: UserTowerArgs) -> Result<()> {
     cfg.max_event_age = std::time::Duration::from_secs(a.max_event_age_days * 86_400);
     cfg.max_sequence_wait = std::time::Duration::from_millis(a.max_sequence_wait_ms);
     cfg.fault_apply_delay = std::time::Duration::from_millis(a.fault_apply_delay_ms);
+    cfg.embed_batching = tandem_usertower::EmbedBatching {
+        max: a.embed_batch_max.max(1),
+        wait: std::time::Duration::from_micros(a.embed_batch_wait_us),
+    };
     if a.max_lag_s.is_nan() || a.max_lag_s <= 0.0 {
         anyhow::bail!("--max-lag-s must be positive");
     }
