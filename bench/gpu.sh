@@ -6,7 +6,8 @@
 # TANDEM_BIN is a build with `--features cuda`; DATA_DIR holds ml-100k.* (optional); STAGES is
 # a comma list of: bench, torch, quality, epoch (default: all). Each stage appends JSON lines
 # to OUT_DIR/gpu.jsonl and its log to OUT_DIR/gpu.log. QUALITY_DEVICES (default "cpu cuda")
-# picks the devices the quality stage trains on.
+# picks the devices the quality stage trains on; TORCH_MODES (default "eager compile") the
+# PyTorch twin's modes.
 set -uo pipefail
 bin=$1
 out=$2
@@ -16,6 +17,7 @@ mkdir -p "$out"
 log=$out/gpu.log
 json=$out/gpu.jsonl
 here=$(cd "$(dirname "$0")" && pwd)
+torch_modes=${TORCH_MODES:-eager compile}
 has() { [[ ",$stages," == *",$1,"* ]]; }
 say() { echo "== $*" | tee -a "$log"; }
 
@@ -50,7 +52,9 @@ fi
 if has torch; then
   for s in "${shapes[@]}"; do
     read -r b items users <<<"$s"
-    for c in "" "--compile"; do
+    for c in $torch_modes; do
+      [ "$c" = eager ] && c=
+      [ "$c" = compile ] && c=--compile
       say "torch_ref --device cuda $c batch $b items $items users $users"
       python3 "$here/torch_ref.py" --device cuda --steps 30 --batch-size "$b" \
         --items "$items" --users "$users" $c 2>>"$log" >>"$json"

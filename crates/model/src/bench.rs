@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::{ModelConfig, TrainConfig, TrainDevice};
 use crate::encode::EntityVocab;
-use crate::train::{Example, Sequences, Trainer};
+use crate::train::{Example, Sequences, StepPhases, Trainer};
 use crate::Result;
 
 /// The fixed synthetic shape of `tandem bench train`.
@@ -43,10 +43,20 @@ pub struct BenchResult {
     pub steps: usize,
     pub examples_per_sec: f64,
     pub ms_per_step: f64,
+    /// With profiling: milliseconds per step in each part, from a second pass over the same
+    /// batches with the device synchronised between parts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<StepPhases>,
 }
 
-/// Times `steps` training steps (after 3 warm-up steps) on random full-length histories.
-pub fn bench_train(shape: &BenchShape, steps: usize, device: TrainDevice) -> Result<BenchResult> {
+/// Times `steps` training steps (after 3 warm-up steps) on random full-length histories; with
+/// `profile`, then steps through the same batches again timing each part of a step.
+pub fn bench_train(
+    shape: &BenchShape,
+    steps: usize,
+    device: TrainDevice,
+    profile: bool,
+) -> Result<BenchResult> {
     let cfg = ModelConfig {
         dim: shape.dim,
         id_dim: shape.dim,
@@ -88,15 +98,63 @@ pub fn bench_train(shape: &BenchShape, steps: usize, device: TrainDevice) -> Res
     for b in &batches[..3] {
         t.step(b, &seqs, &user_vid)?;
     }
+    // Steps queue work on a GPU without waiting for it: time from an idle device to the end of
+    // the last step's work.
+    t.dev.synchronize()?;
     let started = Instant::now();
     for b in &batches[3..] {
         t.step(b, &seqs, &user_vid)?;
     }
+    t.dev.synchronize()?;
     let secs = started.elapsed().as_secs_f64();
+    let phases = if profile {
+        t.profile = Some(StepPhases::default());
+        for b in &batches[3..] {
+            t.step(b, &seqs, &user_vid)?;
+        }
+        t.profile.take().map(|p| p.per_step())
+    } else {
+        None
+    };
     Ok(BenchResult {
         parameters: t.parameters(),
         steps,
         examples_per_sec: (steps * shape.batch_size) as f64 / secs,
         ms_per_step: secs * 1000.0 / steps.max(1) as f64,
+        phases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profiled_bench_reports_every_part_of_its_steps() {
+        let shape = BenchShape {
+            users: 300,
+            items: 2_000,
+            history: 8,
+            batch_size: 64,
+            dim: 8,
+            hidden: 16,
+        };
+        let r = bench_train(&shape, 3, TrainDevice::Cpu, true).unwrap();
+        assert!(r.examples_per_sec > 0.0 && r.parameters > 0);
+        let p = r.phases.expect("phases when profiling");
+        assert_eq!(p.steps, 3);
+        let parts = [
+            p.prepare_ms,
+            p.gather_ms,
+            p.forward_ms,
+            p.backward_ms,
+            p.update_ms,
+        ];
+        assert!(parts.iter().all(|&ms| ms >= 0.0), "{p:?}");
+        assert!(p.forward_ms > 0.0 && p.backward_ms > 0.0, "{p:?}");
+        assert!(bench_train(&shape, 1, TrainDevice::Cpu, false)
+            .unwrap()
+            .phases
+            .is_none());
+    }
 }

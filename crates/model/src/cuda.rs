@@ -208,7 +208,7 @@ pub fn xent(
     bias: &crate::loss::Bias,
     labels: &[u32],
     w: &[f32],
-    g: Option<&[f32]>,
+    g: Option<(&CudaStorage, &Layout)>,
 ) -> Result<CudaStorage> {
     let dev = storage.device().clone();
     let x = input(storage, layout)?;
@@ -232,7 +232,7 @@ pub fn xent(
             dev.clone_htod(masked)?,
         );
         let (labels, w) = (dev.clone_htod(labels)?, dev.clone_htod(w)?);
-        let g = g.map(|g| dev.clone_htod(g)).transpose()?;
+        let g = g.map(|(s, l)| input(s, l)).transpose()?;
         let (b_u, c_u) = (b as u32, c as u32);
         let mut l = func.builder();
         l.arg(&x)

@@ -16,7 +16,7 @@
 //! [`full_softmax_loss`] is the exact softmax over the whole catalogue (no sampling, so no
 //! correction): the strongest training signal where scoring every item per step is affordable.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::rowmix::cpu_f32;
@@ -36,22 +36,29 @@ pub(crate) struct Bias {
 }
 
 impl Bias {
-    /// `column`, and per row the columns `masked(r)` yields (any order, repeats allowed).
+    /// `column`, and per row the columns `masked(r)` yields (any order, repeats allowed). Rows
+    /// are built in parallel: at thousands of rows with tens of masked items each this was a
+    /// large share of a GPU step's host time.
     fn new<I: IntoIterator<Item = u32>>(
         b: usize,
         column: Vec<f32>,
-        mut masked: impl FnMut(usize) -> I,
+        masked: impl Fn(usize) -> I + Sync,
     ) -> Self {
+        let rows: Vec<Vec<u32>> = (0..b)
+            .into_par_iter()
+            .with_min_len(256)
+            .map(|r| {
+                let mut row: Vec<u32> = masked(r).into_iter().collect();
+                row.sort_unstable();
+                row.dedup();
+                row
+            })
+            .collect();
         let mut start = Vec::with_capacity(b + 1);
-        let mut all = Vec::new();
-        let mut row = Vec::new();
+        let mut all = Vec::with_capacity(rows.iter().map(Vec::len).sum());
         start.push(0);
-        for r in 0..b {
-            row.clear();
-            row.extend(masked(r));
-            row.sort_unstable();
-            row.dedup();
-            all.extend_from_slice(&row);
+        for row in &rows {
+            all.extend_from_slice(row);
             start.push(all.len() as u32);
         }
         Bias {
@@ -142,7 +149,7 @@ impl SoftmaxXent {
         &self,
         storage: &candle_core::CudaStorage,
         layout: &Layout,
-        g: Option<&[f32]>,
+        g: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c) = self.check(layout)?;
         let (bias, labels, w) = (&self.bias, &self.labels, &self.weights);
@@ -197,35 +204,52 @@ impl CustomOp1 for SoftmaxXent {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_vec1::<f32>()?;
+        // The upstream gradient stays where it is: reading it back to the host here would make
+        // the host wait for the GPU's forward in every step.
         let grad = arg
             .contiguous()?
-            .apply_op1_no_bwd(&XentGrad { xent: self, g })?;
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &XentGrad { xent: self })?;
         Ok(Some(grad))
     }
 }
 
-/// The gradient of [`SoftmaxXent`] with respect to its logits, given each row's upstream
-/// gradient.
+/// The gradient of [`SoftmaxXent`] with respect to its logits (first input), given each row's
+/// upstream gradient (second input, `b` values).
 struct XentGrad<'a> {
     xent: &'a SoftmaxXent,
-    g: Vec<f32>,
 }
 
-impl CustomOp1 for XentGrad<'_> {
+impl XentGrad<'_> {
+    fn check_g(&self, b: usize, g: &Layout) -> Result<()> {
+        if g.shape().elem_count() != b {
+            candle_core::bail!("{} upstream gradients for {b} rows", g.shape().elem_count());
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for XentGrad<'_> {
     fn name(&self) -> &'static str {
         "softmax-xent-grad"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        g_storage: &CpuStorage,
+        g_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let s = self.xent;
         let (b, c) = s.check(layout)?;
+        self.check_g(b, g_layout)?;
         let x = cpu_f32(storage, layout, self.name())?;
+        let g = cpu_f32(g_storage, g_layout, self.name())?;
         let mut grad = vec![0f32; b * c];
         grad.par_chunks_mut(c.max(1))
             .enumerate()
             .for_each_init(Vec::new, |br, (r, out)| {
-                let scale = self.g[r] * s.weights[r];
+                let scale = g[r] * s.weights[r];
                 s.bias.row(r, br);
                 let xr = &x[r * c..][..c];
                 let lse = SoftmaxXent::lse(xr, br);
@@ -242,8 +266,12 @@ impl CustomOp1 for XentGrad<'_> {
         &self,
         storage: &candle_core::CudaStorage,
         layout: &Layout,
+        g_storage: &candle_core::CudaStorage,
+        g_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.xent.cuda(storage, layout, Some(&self.g))
+        let (b, _) = self.xent.check(layout)?;
+        self.check_g(b, g_layout)?;
+        self.xent.cuda(storage, layout, Some((g_storage, g_layout)))
     }
 }
 
@@ -287,8 +315,21 @@ pub fn sampled_softmax_loss(
     // Columns of each candidate item (an item can be both a positive and a uniform sample).
     let mut order: Vec<(u32, u32)> = cand_ids.iter().zip(0..).map(|(&i, j)| (i, j)).collect();
     order.sort_unstable();
+    // A bit per item id up to the largest candidate: most seen items are not candidates, and
+    // one bit test turns them away before any search.
+    let mut is_cand = vec![0u64; (order.last().map_or(0, |&(i, _)| i as usize) + 1).div_ceil(64)];
+    for &(i, _) in &order {
+        is_cand[i as usize >> 6] |= 1 << (i & 63);
+    }
     let columns = |item: u32| {
-        let from = order.partition_point(|&(i, _)| i < item);
+        let hit = is_cand
+            .get(item as usize >> 6)
+            .is_some_and(|w| w & (1 << (item & 63)) != 0);
+        let from = if hit {
+            order.partition_point(|&(i, _)| i < item)
+        } else {
+            order.len()
+        };
         order[from..]
             .iter()
             .take_while(move |&&(i, _)| i == item)

@@ -8,38 +8,12 @@
 //! [`SparseTable::apply`] updates just those rows ("lazy" AdamW). Dense layers stay candle `Var`s
 //! under candle's AdamW.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use candle_core::{Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::rowmix::{cpu_f32, mix, RowMix};
-
-/// A hasher for table row ids: one multiply and a fold (the map is rebuilt every step over tens
-/// of thousands of ids, where SipHash showed up in profiles).
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 29)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u32(b as u32);
-        }
-    }
-
-    fn write_u32(&mut self, i: u32) {
-        self.0 = (self.0 ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-pub type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
 /// A standard normal sample (Box–Muller), so initialisation depends only on our seeded RNG.
 pub fn normal(rng: &mut ChaCha8Rng) -> f32 {
@@ -69,6 +43,11 @@ pub struct SparseTable {
     pub data: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// Gather scratch: one bit per row (cleared again by the gather that set it).
+    marks: Vec<u64>,
+    /// Gather scratch: each gathered row's position among the step's rows; lent to the
+    /// [`Gathered`] and given back by [`SparseTable::reclaim`].
+    slot: Vec<u32>,
     /// GPU training: the table and its moments live on the device, gathered and updated there.
     #[cfg(feature = "cuda")]
     gpu: Option<crate::cuda::DeviceTable>,
@@ -79,7 +58,8 @@ pub struct Gathered {
     pub leaf: Var,
     /// Table row of each leaf row, increasing.
     pub rows: Vec<u32>,
-    local: IdMap<u32>,
+    /// `slot[id]`: the leaf row of table row `id` (meaningful only for the rows in `rows`).
+    slot: Vec<u32>,
 }
 
 impl SparseTable {
@@ -90,6 +70,8 @@ impl SparseTable {
             data: normal_vec(rng, rows * dim, std),
             m: vec![0.0; rows * dim],
             v: vec![0.0; rows * dim],
+            marks: Vec::new(),
+            slot: Vec::new(),
             #[cfg(feature = "cuda")]
             gpu: None,
         }
@@ -120,24 +102,45 @@ impl SparseTable {
     }
 
     /// Gathers the distinct rows among `ids` (in increasing order) into a leaf variable.
+    ///
+    /// Rows are found with a bit per table row (set for each id, then scanned in order and
+    /// cleared) and located with a dense position array, so a step costs `O(ids + rows / 64)`
+    /// with no sorting or hashing of the ids: at 400k history ids over a million-row table,
+    /// sorting and a hash map were most of a GPU step's host time.
     pub fn gather<'a>(
-        &self,
+        &mut self,
         ids: impl IntoIterator<Item = &'a u32>,
         dev: &Device,
     ) -> Result<Gathered> {
-        // Sorted distinct rows: the leaf reads the table in order, and the update can split the
-        // table into disjoint rows.
-        let mut rows: Vec<u32> = ids.into_iter().copied().collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let mut local = IdMap::with_capacity_and_hasher(rows.len(), Default::default());
+        let words = self.rows.div_ceil(64);
+        if self.marks.len() != words {
+            self.marks = vec![0; words];
+        }
+        for &id in ids {
+            if id as usize >= self.rows {
+                // Leave the scratch clean for the next gather.
+                self.marks.iter_mut().for_each(|w| *w = 0);
+                candle_core::bail!("row {id} of a table of {} rows", self.rows);
+            }
+            self.marks[id as usize >> 6] |= 1 << (id & 63);
+        }
+        let mut rows = Vec::new();
+        for (w, word) in self.marks.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                rows.push((w * 64) as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        let mut slot = std::mem::take(&mut self.slot);
+        slot.resize(self.rows, 0);
         for (k, &r) in rows.iter().enumerate() {
-            local.insert(r, k as u32);
+            slot[r as usize] = k as u32;
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             let leaf = Var::from_tensor(&gpu.gather(&rows)?)?;
-            return Ok(Gathered { leaf, rows, local });
+            return Ok(Gathered { leaf, rows, slot });
         }
         let mut buf = Vec::with_capacity(rows.len() * self.dim);
         for &r in &rows {
@@ -145,7 +148,15 @@ impl SparseTable {
             buf.extend_from_slice(&self.data[r * self.dim..(r + 1) * self.dim]);
         }
         let leaf = Var::from_tensor(&Tensor::from_vec(buf, (rows.len(), self.dim), dev)?)?;
-        Ok(Gathered { leaf, rows, local })
+        Ok(Gathered { leaf, rows, slot })
+    }
+
+    /// Takes back the position array a [`Gathered`] borrowed, so the next gather need not
+    /// allocate one (`rows` entries) again.
+    pub fn reclaim(&mut self, g: Gathered) {
+        if g.slot.len() == self.rows {
+            self.slot = g.slot;
+        }
     }
 
     /// One lazy AdamW step on the gathered rows, given the gradient of the leaf, in place and
@@ -235,11 +246,20 @@ impl RowStep {
 }
 
 impl Gathered {
+    /// The leaf row of table row `id`, which must have been gathered.
+    #[inline]
+    fn local(&self, id: u32) -> u32 {
+        match self.slot.get(id as usize) {
+            Some(&k) if self.rows.get(k as usize) == Some(&id) => k,
+            _ => panic!("table row {id} was not gathered for this step"),
+        }
+    }
+
     /// Embeddings of `ids` (each must have been gathered), shape `(ids.len(), dim)`.
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         let mut m = RowMix::new(self.rows.len());
-        for id in ids {
-            m.push(self.local[id], 1.0);
+        for &id in ids {
+            m.push(self.local(id), 1.0);
             m.end_row();
         }
         mix(self.leaf.as_tensor(), m)
@@ -248,15 +268,15 @@ impl Gathered {
     /// The mean embedding of each row of `ids` (`b` rows of `width`, 0 = padding, skipped);
     /// rows with no id give zeros.
     pub fn mean_pool(&self, ids: &[u32], width: usize) -> Result<Tensor> {
-        let mut m = RowMix::new(self.rows.len());
-        for chunk in ids.chunks(width) {
+        let width = width.max(1);
+        let m = RowMix::build(self.rows.len(), ids.len().div_ceil(width), |r, out| {
+            let chunk = &ids[r * width..((r + 1) * width).min(ids.len())];
             let n = chunk.iter().filter(|&&i| i != 0).count();
             let share = 1.0 / n.max(1) as f32;
-            for i in chunk.iter().filter(|&&i| i != 0) {
-                m.push(self.local[i], share);
+            for &i in chunk.iter().filter(|&&i| i != 0) {
+                out.push((self.local(i), share));
             }
-            m.end_row();
-        }
+        });
         mix(self.leaf.as_tensor(), m)
     }
 }
@@ -308,6 +328,43 @@ impl Table<'_> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn gathers_find_rows_across_mark_words_and_reuse_their_scratch() {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut t = SparseTable::new(200, 3, 1.0, &mut rng);
+        let full = t.to_tensor(&dev).unwrap();
+        let want = |ids: &[u32]| {
+            Table::Full(&full)
+                .lookup(ids)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        // Ids on both sides of 64-bit word boundaries, repeated and unordered.
+        let a = [128u32, 63, 0, 64, 199, 127, 63, 1];
+        let g = t.gather(&a, &dev).unwrap();
+        assert_eq!(g.rows, vec![0, 1, 63, 64, 127, 128, 199]);
+        assert_eq!(g.lookup(&a).unwrap().to_vec2::<f32>().unwrap(), want(&a));
+        t.reclaim(g);
+        // A different set through the reclaimed scratch: stale positions of rows gathered
+        // before are never mistaken for this step's.
+        let b = [5u32, 65, 199];
+        let g = t.gather(&b, &dev).unwrap();
+        assert_eq!(g.rows, vec![5, 65, 199]);
+        assert_eq!(g.lookup(&b).unwrap().to_vec2::<f32>().unwrap(), want(&b));
+        let stale = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.lookup(&[128])));
+        assert!(
+            stale.is_err(),
+            "row 128 was gathered last step, not this one"
+        );
+        t.reclaim(g);
+        // A row outside the table is an error, and leaves the marks clean.
+        assert!(t.gather(&[3u32, 200], &dev).is_err());
+        let g = t.gather(&[7u32], &dev).unwrap();
+        assert_eq!(g.rows, vec![7]);
+    }
 
     #[test]
     fn gathered_lookups_match_the_full_table_and_updates_touch_only_used_rows() {

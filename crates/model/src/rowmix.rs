@@ -39,6 +39,51 @@ impl RowMix {
         }
     }
 
+    /// A mix of `rows_out` rows over `rows_in`, output row `r` holding the entries `fill(r, _)`
+    /// pushes; rows are built in parallel chunks (a batch's history pooling has hundreds of
+    /// thousands of entries).
+    pub fn build(
+        rows_in: usize,
+        rows_out: usize,
+        fill: impl Fn(usize, &mut Vec<(u32, f32)>) + Sync,
+    ) -> RowMix {
+        const CHUNK: usize = 512;
+        let parts: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> = (0..rows_out.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let (mut lens, mut col, mut weight, mut row) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for r in c * CHUNK..((c + 1) * CHUNK).min(rows_out) {
+                    row.clear();
+                    fill(r, &mut row);
+                    lens.push(row.len() as u32);
+                    for &(j, w) in &row {
+                        debug_assert!((j as usize) < rows_in);
+                        col.push(j);
+                        weight.push(w);
+                    }
+                }
+                (lens, col, weight)
+            })
+            .collect();
+        let entries = parts.iter().map(|p| p.1.len()).sum();
+        let mut m = RowMix {
+            rows_in,
+            start: Vec::with_capacity(rows_out + 1),
+            col: Vec::with_capacity(entries),
+            weight: Vec::with_capacity(entries),
+        };
+        m.start.push(0);
+        for (lens, col, weight) in parts {
+            for n in lens {
+                m.start.push(m.start[m.start.len() - 1] + n);
+            }
+            m.col.extend_from_slice(&col);
+            m.weight.extend_from_slice(&weight);
+        }
+        m
+    }
+
     /// Adds `weight · x[col]` to the row being built.
     pub fn push(&mut self, col: u32, weight: f32) {
         debug_assert!((col as usize) < self.rows_in);
@@ -196,6 +241,26 @@ mod tests {
         m.push(1, 3.0);
         m.end_row();
         m
+    }
+
+    #[test]
+    fn a_mix_built_in_parallel_chunks_equals_one_built_row_by_row() {
+        // Enough rows for several chunks, some of them empty.
+        let entries = |r: usize| -> Vec<(u32, f32)> {
+            (0..r % 4)
+                .map(|k| (((r * 7 + k * 3) % 11) as u32, 0.5 + k as f32))
+                .collect()
+        };
+        let mut serial = RowMix::new(11);
+        for r in 0..1300 {
+            for (c, w) in entries(r) {
+                serial.push(c, w);
+            }
+            serial.end_row();
+        }
+        let parallel = RowMix::build(11, 1300, |r, out| out.extend(entries(r)));
+        assert_eq!(parallel, serial);
+        assert_eq!(RowMix::build(11, 0, |_, _| {}), RowMix::new(11));
     }
 
     #[test]

@@ -78,7 +78,9 @@ pub struct TrainReport {
 pub(crate) type Example = (u32, u32);
 
 pub(crate) struct Trainer {
-    dev: Device,
+    pub(crate) dev: Device,
+    /// Per-part step times, when profiling (`tandem bench train --profile`).
+    pub(crate) profile: Option<StepPhases>,
     cfg: ModelConfig,
     tcfg: TrainConfig,
     users: EntityVocab,
@@ -122,13 +124,19 @@ impl UserSide {
     }
 }
 
-/// Inverted dropout with probability `p` and masks from the seeded RNG (so a seed still fixes
-/// the run).
+/// Inverted dropout with probability `p`. On the CPU the masks come from the seeded RNG (so a
+/// seed still fixes the run); on a GPU they are drawn there, from the device generator the
+/// trainer seeded, instead of being drawn on the host and copied over every step.
 fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
     let keep = 1.0 / (1.0 - p) as f32;
+    if !x.device().is_cpu() {
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let mask = (u.ge(p as f32)?.to_dtype(x.dtype())? * keep as f64)?;
+        return x.mul(&mask);
+    }
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();
@@ -381,29 +389,26 @@ fn run(
         );
         bar.set_prefix(format!("{epoch}/{epochs}"));
         let epoch_start = Instant::now();
-        let mut loss_sum = 0.0;
+        let mut losses = Losses::new(&t.dev, epoch);
         for (k, batch) in examples.chunks(per_batch).enumerate() {
-            let loss = t.step(batch, seqs, &data.user_vid)?;
-            if !loss.is_finite() {
-                return Err(ModelError::Invalid(format!(
-                    "loss became {loss} at epoch {epoch}, batch {k}: lower --lr"
-                )));
+            if let Some(loss) = t.step(batch, seqs, &data.user_vid)? {
+                losses.push(k, loss)?;
             }
-            loss_sum += loss;
             let done = targets.len() as f64 * (k + 1) as f64 / batches as f64;
             bar.set_message(format!(
                 "loss {:.4} · {:.0} ex/s",
-                loss_sum / (k + 1) as f64,
+                losses.mean(),
                 done / epoch_start.elapsed().as_secs_f64().max(1e-9)
             ));
             bar.inc(1);
         }
+        losses.flush()?;
         bar.finish_and_clear();
         let seconds = epoch_start.elapsed().as_secs_f64();
         let snapshot = t.snapshot()?;
         let mut epoch_report = EpochReport {
             epoch,
-            loss: loss_sum / batches as f64,
+            loss: losses.mean(),
             examples_per_sec: targets.len() as f64 / seconds.max(1e-9),
             seconds,
             validation: BTreeMap::new(),
@@ -446,6 +451,125 @@ fn run(
     Ok((model, report))
 }
 
+/// Wall time spent in each part of the training steps, summed over `steps` (`tandem bench
+/// train --profile`). The device is synchronised at every boundary, so a GPU's work counts in
+/// the part that queued it (and nothing overlaps, unlike an unprofiled step).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepPhases {
+    /// Encoding the batch: histories, targets, candidates, logQ, masks.
+    pub prepare_ms: f64,
+    /// Finding the touched table rows and gathering them into leaves.
+    pub gather_ms: f64,
+    /// Towers and loss.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// Dense AdamW and the sparse row updates.
+    pub update_ms: f64,
+    pub steps: usize,
+}
+
+impl StepPhases {
+    /// Milliseconds per step of each part.
+    pub fn per_step(&self) -> StepPhases {
+        let n = self.steps.max(1) as f64;
+        StepPhases {
+            prepare_ms: self.prepare_ms / n,
+            gather_ms: self.gather_ms / n,
+            forward_ms: self.forward_ms / n,
+            backward_ms: self.backward_ms / n,
+            update_ms: self.update_ms / n,
+            steps: self.steps,
+        }
+    }
+}
+
+/// Laps of a step's parts, when profiling.
+struct Laps {
+    dev: Option<Device>,
+    at: Instant,
+}
+
+impl Laps {
+    fn new(profiling: bool, dev: &Device) -> Self {
+        Laps {
+            dev: profiling.then(|| dev.clone()),
+            at: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the last lap, once the device finished what was queued (0 when not
+    /// profiling).
+    fn lap(&mut self) -> Result<f64> {
+        let Some(dev) = &self.dev else {
+            return Ok(0.0);
+        };
+        dev.synchronize()?;
+        let now = Instant::now();
+        let ms = (now - self.at).as_secs_f64() * 1e3;
+        self.at = now;
+        Ok(ms)
+    }
+}
+
+/// An epoch's step losses, read back from the training device in groups: on a GPU, reading
+/// each step's loss would make the host wait for the step to finish before preparing the next
+/// batch, where it can prepare it while the GPU still works.
+struct Losses {
+    epoch: usize,
+    /// Losses not read yet, with their batch numbers.
+    pending: Vec<(usize, Tensor)>,
+    /// Read back once this many are pending.
+    every: usize,
+    sum: f64,
+    count: usize,
+}
+
+impl Losses {
+    fn new(dev: &Device, epoch: usize) -> Self {
+        Losses {
+            epoch,
+            pending: Vec::new(),
+            every: if dev.is_cpu() { 1 } else { 32 },
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn push(&mut self, batch: usize, loss: Tensor) -> Result<()> {
+        self.pending.push((batch, loss));
+        if self.pending.len() >= self.every {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the pending losses; a non-finite one ends training with an error.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let ts: Vec<&Tensor> = self.pending.iter().map(|(_, t)| t).collect();
+        let values = Tensor::stack(&ts, 0)?.to_vec1::<f32>()?;
+        for ((k, _), v) in self.pending.iter().zip(values) {
+            if !v.is_finite() {
+                return Err(ModelError::Invalid(format!(
+                    "loss became {v} at epoch {}, batch {k}: lower --lr",
+                    self.epoch
+                )));
+            }
+            self.sum += v as f64;
+            self.count += 1;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Mean of the losses read so far.
+    fn mean(&self) -> f64 {
+        self.sum / self.count.max(1) as f64
+    }
+}
+
 impl Trainer {
     pub(crate) fn new(
         cfg: &ModelConfig,
@@ -454,6 +578,10 @@ impl Trainer {
         items: EntityVocab,
     ) -> Result<Self> {
         let dev = tcfg.device.open()?;
+        if !dev.is_cpu() {
+            // Dropout masks are drawn on the device (see `dropout`).
+            dev.set_seed(tcfg.seed)?;
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(tcfg.seed);
         let emb_std = 0.1;
         let mut user_id = SparseTable::new(users.len(), cfg.id_dim, emb_std, &mut rng);
@@ -509,6 +637,7 @@ impl Trainer {
         });
         Ok(Trainer {
             dev,
+            profile: None,
             cfg: cfg.clone(),
             tcfg: tcfg.clone(),
             users,
@@ -696,12 +825,15 @@ impl Trainer {
         cands[self.rng.random_range(0..cands.len())]
     }
 
+    /// One optimiser step on `batch`; the batch's loss (a scalar on the training device,
+    /// detached from the graph), or `None` when the batch had no targets.
     pub(crate) fn step(
         &mut self,
         batch: &[Example],
         seqs: &Sequences,
         user_vid: &[u32],
-    ) -> Result<f64> {
+    ) -> Result<Option<Tensor>> {
+        let mut laps = Laps::new(self.profile.is_some(), &self.dev);
         let Batch {
             user,
             targets,
@@ -713,7 +845,7 @@ impl Trainer {
             self.encode(batch, seqs, user_vid)
         };
         if targets.is_empty() {
-            return Ok(0.0);
+            return Ok(None);
         }
         let seen = self.tcfg.mask_seen.then_some(&seen[..]);
         let full = self.negatives == Negatives::Full;
@@ -722,6 +854,7 @@ impl Trainer {
         } else {
             self.sampled_candidates(&targets)
         };
+        let prepare = laps.lap()?;
         let pad = [0u32];
         let (user_ids, user_slots, item_lists) = user.ids();
         let gu = self
@@ -746,6 +879,7 @@ impl Trainer {
         let gif = self
             .item_feat
             .gather(item_slots.iter().chain(&pad), &self.dev)?;
+        let gather = laps.lap()?;
         let tables = UserTables {
             user_id: Table::Gathered(&gu),
             user_feat: Table::Gathered(&guf),
@@ -792,21 +926,32 @@ impl Trainer {
             )?
         };
         self.all_items = all;
-        let value = loss.to_scalar::<f32>()? as f64;
+        let forward = laps.lap()?;
         let grads = loss.backward()?;
+        let backward = laps.lap()?;
         self.dense_opt.step(&grads)?;
         self.step += 1;
         for (table, g) in [
-            (&mut self.user_id, &gu),
-            (&mut self.user_feat, &guf),
-            (&mut self.item_id, &gi),
-            (&mut self.item_feat, &gif),
+            (&mut self.user_id, gu),
+            (&mut self.user_feat, guf),
+            (&mut self.item_id, gi),
+            (&mut self.item_feat, gif),
         ] {
             if let Some(grad) = grads.get(&g.leaf) {
-                table.apply(g, grad, &self.sparse_opt, self.step)?;
+                table.apply(&g, grad, &self.sparse_opt, self.step)?;
             }
+            table.reclaim(g);
         }
-        Ok(value)
+        let update = laps.lap()?;
+        if let Some(p) = &mut self.profile {
+            p.prepare_ms += prepare;
+            p.gather_ms += gather;
+            p.forward_ms += forward;
+            p.backward_ms += backward;
+            p.update_ms += update;
+            p.steps += 1;
+        }
+        Ok(Some(loss.detach()))
     }
 
     /// In-batch (and `mixed`: uniformly sampled) candidates with their item inputs and logQ

@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Where the steps run: cpu, cuda or cuda:N (CUDA: one in-process run, no thread sweep).
     #[arg(long, default_value = "cpu")]
     pub device: tandem_model::config::TrainDevice,
+    /// Then run the same steps again timing each part (prepare, gather, forward, backward,
+    /// update; the device synchronised between parts), reported as `phases` in ms per step.
+    #[arg(long)]
+    pub profile: bool,
     /// Output is always JSON; accepted for symmetry with other commands.
     #[arg(long)]
     pub json: bool,
@@ -58,7 +62,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ..Default::default()
     };
     if a.device != tandem_model::config::TrainDevice::Cpu {
-        let r = bench_train(&shape, a.steps, a.device)?;
+        let r = bench_train(&shape, a.steps, a.device, a.profile)?;
         let out = serde_json::json!({
             "bench": "train",
             "device": a.device.to_string(),
@@ -69,7 +73,7 @@ fn train(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(threads) = a.threads {
-        let r = bench_train(&shape, a.steps, a.device)?;
+        let r = bench_train(&shape, a.steps, a.device, a.profile)?;
         let out = serde_json::json!({ "threads": threads, "shape": shape, "result": r });
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
@@ -94,6 +98,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 "--users",
                 &a.users.to_string(),
             ])
+            .args(a.profile.then_some("--profile"))
             .env("RAYON_NUM_THREADS", threads.to_string())
             .output()
             .context("running the benchmark child process")?;
