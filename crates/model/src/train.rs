@@ -20,6 +20,7 @@ use candle_nn::Optimizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 use tandem_data::{EventLog, FeatureTable, Protocol, Split};
 
@@ -141,6 +142,18 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tens
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}
+
+/// Sorted distinct items of `before` (what to leave out of negatives), or nothing when seen
+/// items are not masked.
+fn seen_items(mask_seen: bool, before: &[(u32, i64, f32)]) -> Vec<u32> {
+    if !mask_seen {
+        return Vec::new();
+    }
+    let mut s: Vec<u32> = before.iter().map(|e| e.0).collect();
+    s.sort_unstable();
+    s.dedup();
+    s
 }
 
 /// One batch, encoded.
@@ -690,7 +703,6 @@ impl Trainer {
         let mut ux = UserInput::default();
         let mut targets = Vec::with_capacity(b);
         let mut weights = Vec::with_capacity(b);
-        let mut seen = Vec::with_capacity(b);
         let mut scratch = HashSet::new();
         let window = self.tcfg.target_window.max(1);
         for &(u, p) in batch {
@@ -726,25 +738,21 @@ impl Trainer {
             ux.context.extend_from_slice(&context(ts));
             targets.push(item);
             weights.push(w);
-            seen.push(self.seen_of(before));
         }
+        // Each example's seen items, sorted: no random draws, so in parallel (at thousands of
+        // examples with long histories this was the bulk of encoding a batch).
+        let mask = self.tcfg.mask_seen;
+        let seen = batch
+            .par_iter()
+            .with_min_len(64)
+            .map(|&(u, p)| seen_items(mask, &seqs[u as usize][..p as usize]))
+            .collect();
         Batch {
             user: UserSide::Rows(ux),
             targets,
             weights,
             seen,
         }
-    }
-
-    /// Sorted distinct items of `before` (what to leave out of negatives), or nothing.
-    fn seen_of(&self, before: &[(u32, i64, f32)]) -> Vec<u32> {
-        if !self.tcfg.mask_seen {
-            return Vec::new();
-        }
-        let mut s: Vec<u32> = before.iter().map(|e| e.0).collect();
-        s.sort_unstable();
-        s.dedup();
-        s
     }
 
     /// Encodes transformer windows `(u, a)`: user `u`'s items from position `a` (at most L of
@@ -800,7 +808,7 @@ impl Trainer {
                 rows.push((w * l + pad + t) as u32);
                 targets.push(item);
                 weights.push(weight);
-                seen.push(self.seen_of(before));
+                seen.push(seen_items(self.tcfg.mask_seen, before));
             }
         }
         Batch {
