@@ -1,14 +1,14 @@
 //! Micro-batching of Embed calls (off by default): concurrent requests for the same loaded
 //! version are gathered by one task and embedded with a single batched forward.
 //!
-//! A batch opens with the first queued request and takes whatever else is already queued, up
-//! to `max`; with a positive `wait` it keeps yielding to the runtime (so connections can decode
+//! A batch opens with the oldest waiting request and takes whatever else is queued for the same
+//! version, up to `max` (requests for other versions keep their order for the next batches); with a positive `wait` it keeps yielding to the runtime (so connections can decode
 //! more requests) until `wait` has passed since it opened or it is full. Tokio's timer ticks in
 //! milliseconds, too coarse for a sub-millisecond bound, hence the yield loop: the wait costs
 //! CPU while a batch is open. `tandem bench homefeed --embed-batch MAX,WAIT_US` measures it
 //! against the one-request forward.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,10 +85,11 @@ async fn run(
     metrics: Arc<Registry>,
 ) {
     let max = cfg.max.max(1);
-    // A request for another version than the open batch's waits here for the next batch.
-    let mut held = None;
+    // Requests for another version than the open batch's wait here, in arrival order, for the
+    // next batches (which take them before anything newer).
+    let mut held: VecDeque<(Job, Reply)> = VecDeque::new();
     loop {
-        let first = match held.take() {
+        let first = match held.pop_front() {
             Some(j) => j,
             None => match rx.recv().await {
                 Some(j) => j,
@@ -97,14 +98,20 @@ async fn run(
         };
         let opened = Instant::now();
         let mut batch = vec![first];
-        'fill: loop {
+        let same = |j: &(Job, Reply), b: &[(Job, Reply)]| Arc::ptr_eq(&j.0.loaded, &b[0].0.loaded);
+        let mut k = 0;
+        while k < held.len() && batch.len() < max {
+            if same(&held[k], &batch) {
+                batch.extend(held.remove(k));
+            } else {
+                k += 1;
+            }
+        }
+        loop {
             while batch.len() < max {
                 match rx.try_recv() {
-                    Ok(j) if Arc::ptr_eq(&j.0.loaded, &batch[0].0.loaded) => batch.push(j),
-                    Ok(j) => {
-                        held = Some(j);
-                        break 'fill;
-                    }
+                    Ok(j) if same(&j, &batch) => batch.push(j),
+                    Ok(j) => held.push_back(j),
                     Err(_) => break,
                 }
             }
