@@ -271,7 +271,7 @@ pub fn answers_total(exposition: &str) -> BTreeMap<String, f64> {
 
 /// `GET url` (HTTP/1.1: `http://host:port/path`, or `host:port` for `/metrics`) within 2 s;
 /// the body of a 200 answer.
-async fn scrape(url: &str) -> Result<String, String> {
+pub async fn scrape(url: &str) -> Result<String, String> {
     if url.starts_with("https://") {
         return Err(format!("{url}: metrics endpoints are plain http"));
     }

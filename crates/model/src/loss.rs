@@ -152,6 +152,9 @@ impl SoftmaxXent {
         g: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, c) = self.check(layout)?;
+        if let Some((_, g)) = g {
+            check_upstream(b, g)?;
+        }
         let (bias, labels, w) = (&self.bias, &self.labels, &self.weights);
         let out = crate::cuda::xent(storage, layout, b, c, bias, labels, w, g)?;
         let shape = if g.is_some() {
@@ -219,13 +222,12 @@ struct XentGrad<'a> {
     xent: &'a SoftmaxXent,
 }
 
-impl XentGrad<'_> {
-    fn check_g(&self, b: usize, g: &Layout) -> Result<()> {
-        if g.shape().elem_count() != b {
-            candle_core::bail!("{} upstream gradients for {b} rows", g.shape().elem_count());
-        }
-        Ok(())
+/// Refuses an upstream gradient of other than one value per row.
+fn check_upstream(b: usize, g: &Layout) -> Result<()> {
+    if g.shape().elem_count() != b {
+        candle_core::bail!("{} upstream gradients for {b} rows", g.shape().elem_count());
     }
+    Ok(())
 }
 
 impl CustomOp2 for XentGrad<'_> {
@@ -242,7 +244,7 @@ impl CustomOp2 for XentGrad<'_> {
     ) -> Result<(CpuStorage, Shape)> {
         let s = self.xent;
         let (b, c) = s.check(layout)?;
-        self.check_g(b, g_layout)?;
+        check_upstream(b, g_layout)?;
         let x = cpu_f32(storage, layout, self.name())?;
         let g = cpu_f32(g_storage, g_layout, self.name())?;
         let mut grad = vec![0f32; b * c];
@@ -269,8 +271,6 @@ impl CustomOp2 for XentGrad<'_> {
         g_storage: &candle_core::CudaStorage,
         g_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, _) = self.xent.check(layout)?;
-        self.check_g(b, g_layout)?;
         self.xent.cuda(storage, layout, Some((g_storage, g_layout)))
     }
 }

@@ -2,11 +2,12 @@
 //! version are gathered by one task and embedded with a single batched forward.
 //!
 //! A batch opens with the oldest waiting request and takes whatever else is queued for the same
-//! version, up to `max` (requests for other versions keep their order for the next batches); with a positive `wait` it keeps yielding to the runtime (so connections can decode
-//! more requests) until `wait` has passed since it opened or it is full. Tokio's timer ticks in
+//! version, up to `max` (requests for other versions keep their order for the next batches);
+//! with a positive `wait` it keeps yielding to the runtime (so connections can decode more
+//! requests) until `wait` has passed since it opened or it is full. Tokio's timer ticks in
 //! milliseconds, too coarse for a sub-millisecond bound, hence the yield loop: the wait costs
-//! CPU while a batch is open. `tandem bench homefeed --embed-batch MAX,WAIT_US` measures it
-//! against the one-request forward.
+//! CPU while a batch is open. `tandem bench homefeed --embed-batch-max N --embed-batch-wait-us
+//! U` measures it against the one-request forward.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -125,43 +126,49 @@ async fn run(
     }
 }
 
+/// Embeds `jobs` (all for one loaded version) with one forward, rows in the jobs' order. The
+/// mean and attention encoders take ~0.1 ms for one user and run inline; the transformer runs on
+/// the blocking pool so the async workers keep serving.
+pub(crate) async fn embed_jobs(mut jobs: Vec<Job>) -> Result<Vec<f32>, String> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    let loaded = first.loaded.clone();
+    let cheap = loaded.model.cfg.user_encoder != tandem_model::config::UserEncoder::Transformer;
+    tandem_server::run_cpu(cheap, move || {
+        let reqs: Vec<UserRequest> = jobs.iter_mut().map(Job::request).collect();
+        loaded.model.embed_vectors(&reqs).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+impl Job {
+    /// The model's request for this job (its history moves into it).
+    fn request(&mut self) -> UserRequest<'_> {
+        let Job {
+            user,
+            history,
+            history_ts,
+            ts,
+            features,
+            ..
+        } = self;
+        let features: &HashMap<String, String> = features;
+        UserRequest {
+            user: user.as_str(),
+            history: std::mem::take(history),
+            history_ts: std::mem::take(history_ts),
+            ts: *ts,
+            features: (!features.is_empty()).then_some(features),
+        }
+    }
+}
+
 /// One batched forward; every request gets its row (or the shared error).
 async fn forward(batch: Vec<(Job, Reply)>) {
-    let loaded = batch[0].0.loaded.clone();
-    let cheap = loaded.model.cfg.user_encoder != tandem_model::config::UserEncoder::Transformer;
-    let out = tandem_server::run_cpu(cheap, move || {
-        let (mut jobs, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
-        let reqs: Vec<UserRequest> = jobs
-            .iter_mut()
-            .map(|j| {
-                let Job {
-                    user,
-                    history,
-                    history_ts,
-                    ts,
-                    features,
-                    ..
-                } = j;
-                let features: &HashMap<String, String> = features;
-                UserRequest {
-                    user: user.as_str(),
-                    history: std::mem::take(history),
-                    history_ts: std::mem::take(history_ts),
-                    ts: *ts,
-                    features: (!features.is_empty()).then_some(features),
-                }
-            })
-            .collect();
-        let rows = loaded.model.embed_vectors(&reqs).map_err(|e| e.to_string());
-        (rows, replies)
-    })
-    .await;
-    let Ok((rows, replies)) = out else {
-        // The blocking task panicked: its replies were dropped with it, which the waiting
-        // requests see as an error.
-        return;
-    };
-    match rows {
+    let (jobs, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
+    match embed_jobs(jobs).await {
         Ok(rows) => {
             let dim = rows.len() / replies.len().max(1);
             for (reply, row) in replies.into_iter().zip(rows.chunks(dim.max(1))) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tandem_model::{UserModel, UserRequest};
+use tandem_model::UserModel;
 use tandem_registry::{Registry, Storage};
 use tandem_telemetry::catalogue as m;
 use tandem_types::clock::{now_unix, now_unix_ms};
@@ -15,7 +15,7 @@ use tandem_types::{ModelVersion, MODELS};
 
 use tandem_stream::{Delivered, EventStream, NatsOptions};
 
-use crate::batch::{Batcher, EmbedBatching, Job};
+use crate::batch::{embed_jobs, Batcher, EmbedBatching, Job};
 use crate::online::{Event, EventLogWriter, Fsync, OnlineStore};
 
 /// Replicated mode: engagement lives in a NATS JetStream stream every replica follows.
@@ -570,9 +570,8 @@ impl UserTower {
             .map(|(i, t)| (i, t.unwrap_or_default()))
             .unzip();
         let used = ids.len().min(model.cfg.history);
-        let cheap = model.cfg.user_encoder != tandem_model::config::UserEncoder::Transformer;
         let job = Job {
-            loaded: loaded.clone(),
+            loaded,
             user: req.user_id,
             history: ids,
             history_ts: if times.is_empty() {
@@ -585,23 +584,9 @@ impl UserTower {
         };
         let vector = match self.batcher() {
             Some(b) => b.embed(job).await.map_err(UserTowerError::Internal)?,
-            None => {
-                // The mean and attention encoders take ~0.1 ms for one user: inline. The
-                // transformer runs on the blocking pool so the async workers keep serving.
-                tandem_server::run_cpu(cheap, move || {
-                    let r = UserRequest {
-                        user: &job.user,
-                        history: job.history,
-                        history_ts: job.history_ts,
-                        ts: job.ts,
-                        features: (!job.features.is_empty()).then_some(&job.features),
-                    };
-                    job.loaded.model.embed_vectors(&[r])
-                })
+            None => embed_jobs(vec![job])
                 .await
-                .map_err(|e| UserTowerError::Internal(e.to_string()))?
-                .map_err(|e| UserTowerError::Internal(e.to_string()))?
-            }
+                .map_err(UserTowerError::Internal)?,
         };
         self.metrics
             .inc(&m::UT_EMBEDDINGS, &[("version", &version.to_string())]);

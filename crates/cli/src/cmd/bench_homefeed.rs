@@ -166,19 +166,9 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         }
         let mut rows = Vec::new();
         for &rate in &a.rate {
-            let counts = || -> Result<Option<(f64, f64)>> {
-                ut_metrics
-                    .map(|addr| {
-                        Ok((
-                            counter_total(addr, "tandem_usertower_embeddings_total")?,
-                            counter_total(addr, "tandem_usertower_embed_batches_total")?,
-                        ))
-                    })
-                    .transpose()
-            };
-            let before = counts()?;
+            let before = embed_counts(ut_metrics).await?;
             let mut row = load(&client, rate, a.seconds, a.k, &procs).await?;
-            if let (Some((e0, b0)), Some((e1, b1))) = (before, counts()?) {
+            if let (Some((e0, b0)), Some((e1, b1))) = (before, embed_counts(ut_metrics).await?) {
                 row["embed_mean_batch"] = serde_json::json!((e1 - e0) / (b1 - b0).max(1.0));
             }
             rows.push(row);
@@ -295,21 +285,29 @@ fn host_ticks() -> Option<(u64, u64)> {
     Some((*f.get(7)?, f.iter().take(8).sum()))
 }
 
-/// The sum of every series of counter `name` on a service's Prometheus endpoint.
-fn counter_total(addr: std::net::SocketAddr, name: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("metrics at {addr}"))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+/// The user tower's embeddings and micro-batches so far, from its Prometheus endpoint (`None`
+/// without one).
+async fn embed_counts(metrics: Option<std::net::SocketAddr>) -> Result<Option<(f64, f64)>> {
+    let Some(addr) = metrics else {
+        return Ok(None);
+    };
+    let text = tandem_dashboard::sample::scrape(&addr.to_string())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // Every series of a counter, summed.
+    let total = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Ok(Some((
+        total("tandem_usertower_embeddings_total"),
+        total("tandem_usertower_embed_batches_total"),
+    )))
 }
 
 /// CPU seconds (user + system, every thread) process `pid` (or `self`) has used, from
