@@ -89,6 +89,9 @@ pub struct BenchReport {
     pub bytes_per_vector: f64,
     /// Code-distance kernel selected for this CPU (int8 layout).
     pub simd_codes: &'static str,
+    /// Share of the exact 10 nearest that the index's codes rank among their own 10 nearest
+    /// (the index's vectors as queries; absent for engines without codes).
+    pub code_fidelity: Option<f64>,
     pub ground_truth_seconds: f64,
     pub peak_rss_mb: f64,
     pub rss_after_ground_truth_mb: f64,
@@ -182,6 +185,7 @@ pub fn run(
         file_bytes_per_vector,
         bytes_per_vector: index.bytes_per_vector(),
         simd_codes: crate::simd::selected_u8_name(),
+        code_fidelity: index.code_fidelity(),
         ground_truth_seconds,
         peak_rss_mb: peak_rss_mb(),
         rss_after_ground_truth_mb,

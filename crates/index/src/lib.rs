@@ -54,6 +54,11 @@ pub trait AnnIndex: Send + Sync {
     fn layout(&self) -> Layout {
         Layout::F32
     }
+    /// How faithfully the index's codes rank its own vectors (share of the exact 10 nearest
+    /// among the codes' 10 nearest), for engines with codes.
+    fn code_fidelity(&self) -> Option<f64> {
+        None
+    }
     /// The `k` best rows by inner product, best first, as `(row, score)`.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
     /// [`search`](Self::search) leaving out the rows for which `skip` holds, still answering
@@ -127,7 +132,7 @@ pub enum Layout {
     Auto,
     /// The `f32` vectors themselves.
     F32,
-    /// One byte per dimension (4× less memory traffic per step), the `ef` candidates found
+    /// One byte per axis (4× less memory traffic per step), the `ef` candidates found
     /// re-ranked on the `f32` vectors.
     Int8,
 }
