@@ -1,7 +1,7 @@
 //! The per-request protocol (see the crate docs).
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_client::{
@@ -166,11 +166,61 @@ pub struct Candidates {
 
 mod sharded;
 
+/// Two numbers and when they were set, read and written without a lock: every request reads
+/// a host's cached metadata and the user tower replicas' failure times, and a lock there
+/// would serialise the request path.
+///
+/// A writer clears the time, stores the numbers, then stores the new time; a reader takes the
+/// numbers only if the time is set and reads the same before and after them. Two writers
+/// racing can at worst pair one's numbers with the other's time, both fresh answers of the
+/// same host; the version promise does not rest on this cache (a host refuses a search for a
+/// version it does not serve), a stale entry costs one more handshake.
+#[derive(Default)]
+struct Stamp {
+    /// Microseconds since [`epoch`] plus one; 0 when unset.
+    at: AtomicU64,
+    a: AtomicU64,
+    b: AtomicU64,
+}
+
+/// The process's reference instant for [`Stamp`] times.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn micros_now() -> u64 {
+    epoch().elapsed().as_micros() as u64 + 1
+}
+
+impl Stamp {
+    fn set(&self, a: u64, b: u64) {
+        self.at.store(0, Ordering::SeqCst);
+        self.a.store(a, Ordering::SeqCst);
+        self.b.store(b, Ordering::SeqCst);
+        self.at.store(micros_now(), Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.at.store(0, Ordering::SeqCst);
+    }
+
+    /// The numbers, if set less than `ttl` ago.
+    fn get(&self, ttl: Duration) -> Option<(u64, u64)> {
+        let at = self.at.load(Ordering::SeqCst);
+        if at == 0 {
+            return None;
+        }
+        let (a, b) = (self.a.load(Ordering::SeqCst), self.b.load(Ordering::SeqCst));
+        let fresh = micros_now().saturating_sub(at) < ttl.as_micros() as u64;
+        (self.at.load(Ordering::SeqCst) == at && fresh).then_some((a, b))
+    }
+}
+
 struct Host {
     client: AnnClient,
-    cached: Mutex<Option<(ModelVersion, Instant)>>,
-    /// (shard, shard count) from the host's last metadata.
-    shape: Mutex<Option<(u32, u32)>>,
+    /// The host's version and shape (`shard << 32 | shard count`) from its last metadata.
+    cached: Stamp,
     in_flight: AtomicU32,
 }
 
@@ -180,7 +230,12 @@ impl Host {
     }
 
     fn invalidate(&self) {
-        *self.cached.lock().expect("lock poisoned") = None;
+        self.cached.clear();
+    }
+
+    /// The cached version while fresh.
+    fn cached_version(&self, ttl: Duration) -> Option<ModelVersion> {
+        self.cached.get(ttl).map(|(v, _)| ModelVersion(v))
     }
 }
 
@@ -206,12 +261,13 @@ pub struct Orchestrator {
     hosts: Vec<Host>,
     user_towers: Vec<UserTowerClient>,
     /// When each replica last failed to answer: it is tried last for a while after.
-    user_tower_failed: Vec<Mutex<Option<Instant>>>,
+    user_tower_failed: Vec<Stamp>,
     next: AtomicUsize,
     next_user_tower: AtomicUsize,
     /// Whether the hosts serve shards ([`sharded::UNKNOWN`] until a host said).
     sharded: std::sync::atomic::AtomicU8,
-    newest: Mutex<Option<(ModelVersion, Instant)>>,
+    /// The newest version the user towers serve (naive mode), and when it was asked.
+    newest: Stamp,
     metrics: Arc<Registry>,
 }
 
@@ -244,8 +300,7 @@ impl Orchestrator {
             .map(|u| {
                 Ok(Host {
                     client: AnnClient::lazy(u, &opts).map_err(HomefeedError::Address)?,
-                    cached: Mutex::new(None),
-                    shape: Mutex::new(None),
+                    cached: Stamp::default(),
                     in_flight: AtomicU32::new(0),
                 })
             })
@@ -273,12 +328,12 @@ impl Orchestrator {
         Ok(Orchestrator {
             cfg,
             hosts,
-            user_tower_failed: user_towers.iter().map(|_| Mutex::new(None)).collect(),
+            user_tower_failed: user_towers.iter().map(|_| Stamp::default()).collect(),
             user_towers,
             next: AtomicUsize::new(0),
             next_user_tower: AtomicUsize::new(0),
             sharded: std::sync::atomic::AtomicU8::new(sharded::UNKNOWN),
-            newest: Mutex::new(None),
+            newest: Stamp::default(),
             metrics,
         })
     }
@@ -319,7 +374,7 @@ impl Orchestrator {
     }
 
     /// Host indices in the order to try them for this request.
-    fn order(&self, user: &str) -> Vec<usize> {
+    fn order(&self, user: &str) -> impl Iterator<Item = usize> {
         let n = self.hosts.len();
         let first = match self.cfg.pick {
             Pick::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
@@ -336,7 +391,7 @@ impl Orchestrator {
                 }
             }
         };
-        (0..n).map(|k| (first + k) % n).collect()
+        (0..n).map(move |k| (first + k) % n)
     }
 
     /// The time left for one RPC: the rest of the request's deadline, at most `rpc_timeout`.
@@ -350,10 +405,8 @@ impl Orchestrator {
 
     /// The host's served version: from the cache while fresh, else asked.
     async fn host_version(&self, host: &Host, deadline: Instant) -> Result<ModelVersion, Attempt> {
-        if let Some((v, at)) = *host.cached.lock().expect("lock poisoned") {
-            if at.elapsed() < self.cfg.metadata_ttl {
-                return Ok(v);
-            }
+        if let Some(v) = host.cached_version(self.cfg.metadata_ttl) {
+            return Ok(v);
         }
         self.fetch_version(host, deadline).await
     }
@@ -366,20 +419,18 @@ impl Orchestrator {
             Attempt::NextHost(format!("metadata: {}", error_chain(&e)))
         })?;
         let v = meta.version_of(&self.cfg.model);
-        *host.shape.lock().expect("lock poisoned") = Some((meta.shard, meta.shard_count));
         if meta.shard_count > 1 {
             self.sharded.store(sharded::SHARDED, Ordering::Relaxed);
         }
-        *host.cached.lock().expect("lock poisoned") = Some((v, Instant::now()));
+        host.cached
+            .set(v.0, (meta.shard as u64) << 32 | meta.shard_count as u64);
         Ok(v)
     }
 
     /// The newest version the user tower serves (naive mode).
     async fn newest_version(&self, deadline: Instant) -> Result<ModelVersion, HomefeedError> {
-        if let Some((v, at)) = *self.newest.lock().expect("lock poisoned") {
-            if at.elapsed() < self.cfg.metadata_ttl {
-                return Ok(v);
-            }
+        if let Some((v, _)) = self.newest.get(self.cfg.metadata_ttl) {
+            return Ok(ModelVersion(v));
         }
         let mut list = Err(HomefeedError::InvalidArgument(
             "no user tower configured".into(),
@@ -397,7 +448,7 @@ impl Orchestrator {
         let newest = list.iter().map(|v| v.version).max().ok_or_else(|| {
             HomefeedError::InvalidArgument("the user tower has no version loaded".into())
         })?;
-        *self.newest.lock().expect("lock poisoned") = Some((newest, Instant::now()));
+        self.newest.set(newest.0, 0);
         Ok(newest)
     }
 
@@ -417,18 +468,16 @@ impl Orchestrator {
     }
 
     /// The user tower replicas in the order to try them for one request: round-robin, with
-    /// a replica that failed in the last [`USER_TOWER_PENALTY`] moved to the back.
-    fn user_tower_order(&self) -> Vec<usize> {
+    /// the replicas that failed in the last [`USER_TOWER_PENALTY`] after the others.
+    fn user_tower_order(&self) -> impl Iterator<Item = usize> + '_ {
         let n = self.user_towers.len();
         let first = self.next_user_tower.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
-        order.sort_by_key(|&i| {
-            self.user_tower_failed[i]
-                .lock()
-                .expect("lock poisoned")
-                .is_some_and(|t| t.elapsed() < USER_TOWER_PENALTY)
-        });
-        order
+        let failed = move |i: usize| self.user_tower_failed[i].get(USER_TOWER_PENALTY).is_some();
+        let turn = move |k: usize| (first + k) % n;
+        (0..n)
+            .map(turn)
+            .filter(move |&i| !failed(i))
+            .chain((0..n).map(turn).filter(move |&i| failed(i)))
     }
 
     pub async fn get_candidates_after(&self, ask: &Ask<'_>) -> Result<Candidates, HomefeedError> {
@@ -457,12 +506,13 @@ impl Orchestrator {
         );
         let out = self.pick_and_ask(ask).instrument(span.clone()).await;
         if let Ok(c) = &out {
-            let version = c.index_version.to_string();
-            span.record("tandem.model_version", version.as_str());
+            let text = VersionText::new(c.index_version);
+            let version = text.as_str();
+            span.record("tandem.model_version", version);
             span.record("tandem.ann_host", c.host.as_str());
             span.record("tandem.results", c.items.len());
             span.record("tandem.attempts", c.attempts);
-            self.metrics.inc(&m::HF_ANSWERS, &[("version", &version)]);
+            self.metrics.inc(&m::HF_ANSWERS, &[("version", version)]);
         }
         out
     }
@@ -559,8 +609,7 @@ impl Orchestrator {
                 }
                 Err(e) if unreachable_or_slow(&e) => {
                     tracing::debug!(user_tower = %ut.url(), error = %error_chain(&e), "trying another user tower replica");
-                    *self.user_tower_failed[i].lock().expect("lock poisoned") =
-                        Some(Instant::now());
+                    self.user_tower_failed[i].set(0, 0);
                     if self.user_towers.len() > 1 {
                         self.metrics.inc(&m::HF_FAILOVERS, &[]);
                     }
@@ -700,6 +749,36 @@ impl Orchestrator {
     }
 }
 
+/// A version as its text (`v12`), written on the stack: the answer counter's label and the
+/// span field need it on every request.
+struct VersionText {
+    buf: [u8; 21],
+    start: usize,
+}
+
+impl VersionText {
+    fn new(v: ModelVersion) -> Self {
+        let mut buf = [0u8; 21];
+        let mut start = buf.len();
+        let mut n = v.0;
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        start -= 1;
+        buf[start] = b'v';
+        VersionText { buf, start }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).expect("ASCII digits")
+    }
+}
+
 /// What one Search asks of a host: the embedding, k, and the items to leave out.
 #[derive(Clone)]
 struct Probe {
@@ -718,4 +797,24 @@ enum Attempt {
 enum Searched {
     Refused(String),
     Failed(Attempt),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_text_matches_display_and_stamps_expire() {
+        for v in [0u64, 7, 10, 12_345, u64::MAX] {
+            let v = ModelVersion(v);
+            assert_eq!(VersionText::new(v).as_str(), v.to_string());
+        }
+        let s = Stamp::default();
+        assert_eq!(s.get(Duration::from_secs(60)), None, "unset");
+        s.set(3, 1 << 32 | 2);
+        assert_eq!(s.get(Duration::from_secs(60)), Some((3, 1 << 32 | 2)));
+        assert_eq!(s.get(Duration::ZERO), None, "older than a zero ttl");
+        s.clear();
+        assert_eq!(s.get(Duration::from_secs(60)), None, "cleared");
+    }
 }

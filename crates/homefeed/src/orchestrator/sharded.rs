@@ -378,12 +378,11 @@ pub(super) const SHARDED: u8 = 2;
 impl Host {
     /// The cached view while fresh.
     fn view(&self, ttl: std::time::Duration) -> Option<View> {
-        let (version, at) = (*self.cached.lock().expect("lock poisoned"))?;
-        let (shard, shards) = (*self.shape.lock().expect("lock poisoned"))?;
-        (at.elapsed() < ttl).then_some(View {
-            version,
-            shard,
-            shards,
+        let (version, shape) = self.cached.get(ttl)?;
+        Some(View {
+            version: ModelVersion(version),
+            shard: (shape >> 32) as u32,
+            shards: shape as u32,
         })
     }
 }
