@@ -25,7 +25,7 @@ use serde::Serialize;
 use tandem_data::{EventLog, FeatureTable, Protocol, Split};
 
 use crate::config::{LogQ, ModelConfig, Negatives, Targets, TrainConfig, UserEncoder};
-use crate::encode::EntityVocab;
+use crate::encode::{EntityVocab, FeatureSchema};
 use crate::eval::{metrics, EvalSet, ModelRanker, Recommender};
 use crate::logq::{estimator, ExactCounts, FrequencyEstimator};
 use crate::loss::{full_softmax_loss, sampled_softmax_loss};
@@ -84,8 +84,10 @@ pub(crate) struct Trainer {
     pub(crate) profile: Option<StepPhases>,
     cfg: ModelConfig,
     tcfg: TrainConfig,
-    users: EntityVocab,
-    items: EntityVocab,
+    /// Batch preparation (absent only while an epoch runs it on its own thread).
+    feed: Option<Feeder>,
+    user_schema: FeatureSchema,
+    item_schema: FeatureSchema,
     user_id: SparseTable,
     user_feat: SparseTable,
     item_id: SparseTable,
@@ -96,14 +98,44 @@ pub(crate) struct Trainer {
     dense_opt: candle_nn::AdamW,
     sparse_opt: AdamW,
     step: u64,
-    estimator: Option<Box<dyn FrequencyEstimator>>,
-    streaming: bool,
     /// The negatives in use (`auto` resolved by catalogue size).
     negatives: Negatives,
     /// Every item's tower input (`full` negatives score the whole catalogue each step).
     all_items: Option<ItemInput>,
+    /// Dropout masks on the CPU.
     rng: ChaCha8Rng,
 }
+
+/// Everything preparing a batch reads and draws: vocabularies, the logQ estimator, id dropout
+/// and target draws with a generator of their own. On a GPU it runs on its own thread, batches
+/// ahead of the steps ([`Trainer::run_steps`]); on a CPU, inline. Either way the same batches
+/// come out in the same order, so a seed gives the same weights.
+struct Feeder {
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    users: EntityVocab,
+    items: EntityVocab,
+    estimator: Option<Box<dyn FrequencyEstimator>>,
+    streaming: bool,
+    negatives: Negatives,
+    /// Transformer user tower: batches are windows.
+    windows: bool,
+    rng: ChaCha8Rng,
+}
+
+/// A batch ready for a step: its inputs, and (sampled negatives) the candidates with their
+/// inputs and logQ corrections.
+struct Ready {
+    batch: Batch,
+    cand_ids: Vec<u32>,
+    ix: ItemInput,
+    log_q: Vec<f32>,
+    /// Time spent preparing it.
+    encode_ms: f64,
+}
+
+/// Batches a GPU's feeder may run ahead of the steps.
+const AHEAD: usize = 2;
 
 /// Per log user: (item id of this version, timestamp, weight) of each train event, time order.
 pub type Sequences = Vec<Vec<(u32, i64, f32)>>;
@@ -363,12 +395,13 @@ fn run(
     let mut t = Trainer::new(cfg, tcfg, data.users.clone(), data.items.clone())?;
     if tcfg.logq == LogQ::Exact {
         // Exact counts are known before training: count the whole train stream once.
-        let mut exact = ExactCounts::new(t.items.len());
+        let feed = t.feeder_mut();
+        let mut exact = ExactCounts::new(feed.items.len());
         targets
             .iter()
             .for_each(|&(u, p)| exact.observe(seqs[u as usize][p as usize].0));
-        t.estimator = Some(Box::new(exact));
-        t.streaming = false;
+        feed.estimator = Some(Box::new(exact));
+        feed.streaming = false;
     }
     let mut report = TrainReport {
         examples: targets.len(),
@@ -403,18 +436,24 @@ fn run(
         bar.set_prefix(format!("{epoch}/{epochs}"));
         let epoch_start = Instant::now();
         let mut losses = Losses::new(&t.dev, epoch);
-        for (k, batch) in examples.chunks(per_batch).enumerate() {
-            if let Some(loss) = t.step(batch, seqs, &data.user_vid)? {
-                losses.push(k, loss)?;
-            }
-            let done = targets.len() as f64 * (k + 1) as f64 / batches as f64;
-            bar.set_message(format!(
-                "loss {:.4} · {:.0} ex/s",
-                losses.mean(),
-                done / epoch_start.elapsed().as_secs_f64().max(1e-9)
-            ));
-            bar.inc(1);
-        }
+        t.run_steps(
+            examples.chunks(per_batch),
+            seqs,
+            &data.user_vid,
+            |k, loss| {
+                if let Some(loss) = loss {
+                    losses.push(k, loss)?;
+                }
+                let done = targets.len() as f64 * (k + 1) as f64 / batches as f64;
+                bar.set_message(format!(
+                    "loss {:.4} · {:.0} ex/s",
+                    losses.mean(),
+                    done / epoch_start.elapsed().as_secs_f64().max(1e-9)
+                ));
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
         losses.flush()?;
         bar.finish_and_clear();
         let seconds = epoch_start.elapsed().as_secs_f64();
@@ -469,8 +508,12 @@ fn run(
 /// the part that queued it (and nothing overlaps, unlike an unprofiled step).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepPhases {
-    /// Encoding the batch: histories, targets, candidates, logQ, masks.
+    /// Waiting for the batch: encoding it inline on a CPU; on a GPU, where batches are encoded
+    /// ahead on another thread, only the wait for one not yet ready.
     pub prepare_ms: f64,
+    /// Encoding the batch (histories, targets, candidates, logQ, masks), wherever it ran: on a
+    /// GPU this overlaps the steps.
+    pub encode_ms: f64,
     /// Finding the touched table rows and gathering them into leaves.
     pub gather_ms: f64,
     /// Towers and loss.
@@ -487,6 +530,7 @@ impl StepPhases {
         let n = self.steps.max(1) as f64;
         StepPhases {
             prepare_ms: self.prepare_ms / n,
+            encode_ms: self.encode_ms / n,
             gather_ms: self.gather_ms / n,
             forward_ms: self.forward_ms / n,
             backward_ms: self.backward_ms / n,
@@ -583,115 +627,28 @@ impl Losses {
     }
 }
 
-impl Trainer {
-    pub(crate) fn new(
-        cfg: &ModelConfig,
-        tcfg: &TrainConfig,
-        users: EntityVocab,
-        items: EntityVocab,
-    ) -> Result<Self> {
-        let dev = tcfg.device.open()?;
-        if !dev.is_cpu() {
-            // Dropout masks are drawn on the device (see `dropout`).
-            dev.set_seed(tcfg.seed)?;
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(tcfg.seed);
-        let emb_std = 0.1;
-        let mut user_id = SparseTable::new(users.len(), cfg.id_dim, emb_std, &mut rng);
-        let mut user_feat =
-            SparseTable::new(users.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
-        let mut item_id = SparseTable::new(items.len(), cfg.id_dim, emb_std, &mut rng);
-        let mut item_feat =
-            SparseTable::new(items.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
-        // On a GPU the tables move there: gathers and the sparse update run on the device.
-        for t in [&mut user_id, &mut user_feat, &mut item_id, &mut item_feat] {
-            t.place(&dev)?;
-        }
-        let user_tower = UserTower::new(cfg, &users.schema, &mut rng, &dev)?;
-        let item_tower = ItemTower::new(cfg, &items.schema, &mut rng, &dev)?;
-        let log_tau =
-            Var::from_tensor(&Tensor::new(tcfg.temperature.max(1e-4).ln() as f32, &dev)?)?;
-        let mut vars: Vec<Var> = user_tower
-            .named_vars()
-            .into_iter()
-            .chain(item_tower.named_vars())
-            .map(|(_, v)| v)
-            .collect();
-        if tcfg.learn_temperature {
-            vars.push(log_tau.clone());
-        }
-        let sparse_opt = AdamW {
-            lr: tcfg.lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: tcfg.weight_decay,
+impl Feeder {
+    /// Prepares `batch` for a step.
+    fn prepare(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Ready {
+        let started = Instant::now();
+        let batch = if self.windows {
+            self.encode_windows(batch, seqs, user_vid)
+        } else {
+            self.encode(batch, seqs, user_vid)
         };
-        let dense_opt = candle_nn::AdamW::new(
-            vars,
-            candle_nn::ParamsAdamW {
-                lr: tcfg.lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: tcfg.weight_decay,
-            },
-        )?;
-        let estimator = estimator(tcfg.logq, items.len(), tcfg.seed);
-        let negatives = tcfg.negatives.resolve(items.len());
-        let all_items = (negatives == Negatives::Full).then(|| {
-            let mut x = ItemInput::default();
-            for i in 0..items.len() as u32 {
-                x.items.push(i);
-                x.slots.extend_from_slice(items.slots_of(i));
-                x.numeric.extend_from_slice(items.numeric_of(i));
-            }
-            x
-        });
-        Ok(Trainer {
-            dev,
-            profile: None,
-            cfg: cfg.clone(),
-            tcfg: tcfg.clone(),
-            users,
-            items,
-            user_id,
-            user_feat,
-            item_id,
-            item_feat,
-            user_tower,
-            item_tower,
-            log_tau,
-            dense_opt,
-            sparse_opt,
-            step: 0,
-            estimator,
-            streaming: true,
-            negatives,
-            all_items,
-            rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(2)),
-        })
-    }
-
-    /// Trainable values: every table's rows, the dense layers and the temperature.
-    pub(crate) fn parameters(&self) -> usize {
-        let tables = [
-            &self.user_id,
-            &self.user_feat,
-            &self.item_id,
-            &self.item_feat,
-        ]
-        .iter()
-        .map(|t| t.rows * t.dim)
-        .sum::<usize>();
-        let dense = self
-            .user_tower
-            .named_vars()
-            .into_iter()
-            .chain(self.item_tower.named_vars())
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>();
-        tables + dense + 1
+        let (cand_ids, ix, log_q) = if batch.targets.is_empty() || self.negatives == Negatives::Full
+        {
+            (Vec::new(), ItemInput::default(), Vec::new())
+        } else {
+            self.sampled_candidates(&batch.targets)
+        };
+        Ready {
+            batch,
+            cand_ids,
+            ix,
+            log_q,
+            encode_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
     }
 
     /// Encodes a batch: user inputs with id dropout, targets, weights and (for masking) what
@@ -833,135 +790,6 @@ impl Trainer {
         cands[self.rng.random_range(0..cands.len())]
     }
 
-    /// One optimiser step on `batch`; the batch's loss (a scalar on the training device,
-    /// detached from the graph), or `None` when the batch had no targets.
-    pub(crate) fn step(
-        &mut self,
-        batch: &[Example],
-        seqs: &Sequences,
-        user_vid: &[u32],
-    ) -> Result<Option<Tensor>> {
-        let mut laps = Laps::new(self.profile.is_some(), &self.dev);
-        let Batch {
-            user,
-            targets,
-            weights,
-            seen,
-        } = if self.user_tower.seq.is_some() {
-            self.encode_windows(batch, seqs, user_vid)
-        } else {
-            self.encode(batch, seqs, user_vid)
-        };
-        if targets.is_empty() {
-            return Ok(None);
-        }
-        let seen = self.tcfg.mask_seen.then_some(&seen[..]);
-        let full = self.negatives == Negatives::Full;
-        let (cand_ids, ix, log_q) = if full {
-            (Vec::new(), ItemInput::default(), Vec::new())
-        } else {
-            self.sampled_candidates(&targets)
-        };
-        let prepare = laps.lap()?;
-        let pad = [0u32];
-        let (user_ids, user_slots, item_lists) = user.ids();
-        let gu = self
-            .user_id
-            .gather(user_ids.iter().chain(&pad), &self.dev)?;
-        let guf = self
-            .user_feat
-            .gather(user_slots.iter().chain(&pad), &self.dev)?;
-        let all = self.all_items.take();
-        let item_ids: &[u32] = match &all {
-            Some(x) => &x.items,
-            None => &ix.items,
-        };
-        let gi = self.item_id.gather(
-            item_lists.into_iter().flatten().chain(item_ids).chain(&pad),
-            &self.dev,
-        )?;
-        let item_slots: &[u32] = match &all {
-            Some(x) => &x.slots,
-            None => &ix.slots,
-        };
-        let gif = self
-            .item_feat
-            .gather(item_slots.iter().chain(&pad), &self.dev)?;
-        let gather = laps.lap()?;
-        let tables = UserTables {
-            user_id: Table::Gathered(&gu),
-            user_feat: Table::Gathered(&guf),
-            history: Table::Gathered(&gi),
-        };
-        let p = self.tcfg.dropout;
-        let rng = &mut self.rng;
-        let mut reg = |x: &Tensor| dropout(x, p, rng);
-        let user_in = match &user {
-            UserSide::Rows(ux) => {
-                self.user_tower
-                    .input(&tables, &self.users.schema, ux, &mut reg)?
-            }
-            UserSide::Windows { x, rows } => self
-                .user_tower
-                .input_windows(&tables, &self.users.schema, x, &mut reg)?
-                .index_select(&Tensor::from_slice(rows, rows.len(), &self.dev)?, 0)?,
-        };
-        let user_in = dropout(&user_in, p, &mut self.rng)?;
-        let u = self.user_tower.head(&user_in)?;
-        let item_tables = ItemTables {
-            item_id: Table::Gathered(&gi),
-            item_feat: Table::Gathered(&gif),
-        };
-        let item_x = all.as_ref().unwrap_or(&ix);
-        let item_in = self
-            .item_tower
-            .input(&item_tables, &self.items.schema, item_x)?;
-        let item_in = dropout(&item_in, p, &mut self.rng)?;
-        let c = l2_normalize(&self.item_tower.mlp.forward(&item_in)?)?;
-        let inv_tau = self.log_tau.as_tensor().neg()?.exp()?;
-        let loss = if full {
-            full_softmax_loss(&u, &c, &inv_tau, &targets, Some(&weights), seen)?
-        } else {
-            sampled_softmax_loss(
-                &u,
-                &c,
-                &inv_tau,
-                &log_q,
-                &targets,
-                &cand_ids,
-                Some(&weights),
-                seen,
-            )?
-        };
-        self.all_items = all;
-        let forward = laps.lap()?;
-        let grads = loss.backward()?;
-        let backward = laps.lap()?;
-        self.dense_opt.step(&grads)?;
-        self.step += 1;
-        for (table, g) in [
-            (&mut self.user_id, gu),
-            (&mut self.user_feat, guf),
-            (&mut self.item_id, gi),
-            (&mut self.item_feat, gif),
-        ] {
-            if let Some(grad) = grads.get(&g.leaf) {
-                table.apply(&g, grad, &self.sparse_opt, self.step)?;
-            }
-            table.reclaim(g);
-        }
-        let update = laps.lap()?;
-        if let Some(p) = &mut self.profile {
-            p.prepare_ms += prepare;
-            p.gather_ms += gather;
-            p.forward_ms += forward;
-            p.backward_ms += backward;
-            p.update_ms += update;
-            p.steps += 1;
-        }
-        Ok(Some(loss.detach()))
-    }
-
     /// In-batch (and `mixed`: uniformly sampled) candidates with their item inputs and logQ
     /// corrections. Id dropout on positives trains the OOV row as a generic item from features.
     fn sampled_candidates(&mut self, targets: &[u32]) -> (Vec<u32>, ItemInput, Vec<f32>) {
@@ -1004,6 +832,316 @@ impl Trainer {
         };
         (cand_ids, ix, log_q)
     }
+}
+
+impl Trainer {
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        tcfg: &TrainConfig,
+        users: EntityVocab,
+        items: EntityVocab,
+    ) -> Result<Self> {
+        let dev = tcfg.device.open()?;
+        if !dev.is_cpu() {
+            // Dropout masks are drawn on the device (see `dropout`).
+            dev.set_seed(tcfg.seed)?;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(tcfg.seed);
+        let emb_std = 0.1;
+        let mut user_id = SparseTable::new(users.len(), cfg.id_dim, emb_std, &mut rng);
+        let mut user_feat =
+            SparseTable::new(users.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
+        let mut item_id = SparseTable::new(items.len(), cfg.id_dim, emb_std, &mut rng);
+        let mut item_feat =
+            SparseTable::new(items.schema.table_rows, cfg.feature_dim, emb_std, &mut rng);
+        // On a GPU the tables move there: gathers and the sparse update run on the device.
+        for t in [&mut user_id, &mut user_feat, &mut item_id, &mut item_feat] {
+            t.place(&dev)?;
+        }
+        let user_tower = UserTower::new(cfg, &users.schema, &mut rng, &dev)?;
+        let item_tower = ItemTower::new(cfg, &items.schema, &mut rng, &dev)?;
+        let log_tau =
+            Var::from_tensor(&Tensor::new(tcfg.temperature.max(1e-4).ln() as f32, &dev)?)?;
+        let mut vars: Vec<Var> = user_tower
+            .named_vars()
+            .into_iter()
+            .chain(item_tower.named_vars())
+            .map(|(_, v)| v)
+            .collect();
+        if tcfg.learn_temperature {
+            vars.push(log_tau.clone());
+        }
+        let sparse_opt = AdamW {
+            lr: tcfg.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: tcfg.weight_decay,
+        };
+        let dense_opt = candle_nn::AdamW::new(
+            vars,
+            candle_nn::ParamsAdamW {
+                lr: tcfg.lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: tcfg.weight_decay,
+            },
+        )?;
+        let estimator = estimator(tcfg.logq, items.len(), tcfg.seed);
+        let negatives = tcfg.negatives.resolve(items.len());
+        let all_items = (negatives == Negatives::Full).then(|| {
+            let mut x = ItemInput::default();
+            for i in 0..items.len() as u32 {
+                x.items.push(i);
+                x.slots.extend_from_slice(items.slots_of(i));
+                x.numeric.extend_from_slice(items.numeric_of(i));
+            }
+            x
+        });
+        let windows = user_tower.seq.is_some();
+        let (user_schema, item_schema) = (users.schema.clone(), items.schema.clone());
+        Ok(Trainer {
+            dev,
+            profile: None,
+            cfg: cfg.clone(),
+            tcfg: tcfg.clone(),
+            feed: Some(Feeder {
+                cfg: cfg.clone(),
+                tcfg: tcfg.clone(),
+                users,
+                items,
+                estimator,
+                streaming: true,
+                negatives,
+                windows,
+                rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(3)),
+            }),
+            user_schema,
+            item_schema,
+            user_id,
+            user_feat,
+            item_id,
+            item_feat,
+            user_tower,
+            item_tower,
+            log_tau,
+            dense_opt,
+            sparse_opt,
+            step: 0,
+            negatives,
+            all_items,
+            rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(2)),
+        })
+    }
+
+    /// Trainable values: every table's rows, the dense layers and the temperature.
+    pub(crate) fn parameters(&self) -> usize {
+        let tables = [
+            &self.user_id,
+            &self.user_feat,
+            &self.item_id,
+            &self.item_feat,
+        ]
+        .iter()
+        .map(|t| t.rows * t.dim)
+        .sum::<usize>();
+        let dense = self
+            .user_tower
+            .named_vars()
+            .into_iter()
+            .chain(self.item_tower.named_vars())
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>();
+        tables + dense + 1
+    }
+
+    /// One optimiser step on `batch`, prepared inline; the batch's loss (a scalar on the
+    /// training device, detached from the graph), or `None` when the batch had no targets.
+    pub(crate) fn step(
+        &mut self,
+        batch: &[Example],
+        seqs: &Sequences,
+        user_vid: &[u32],
+    ) -> Result<Option<Tensor>> {
+        let laps = Laps::new(self.profile.is_some(), &self.dev);
+        let ready = self.feeder_mut().prepare(batch, seqs, user_vid);
+        self.step_ready(ready, laps)
+    }
+
+    /// Steps over `batches` in order, calling `each` with each batch's number and loss. On a
+    /// GPU the batches are prepared on a thread of their own, up to [`AHEAD`] ahead, while the
+    /// host queues the steps' work; on a CPU, where a step's work already takes every core,
+    /// inline.
+    pub(crate) fn run_steps<'b>(
+        &mut self,
+        batches: impl Iterator<Item = &'b [Example]> + Send,
+        seqs: &Sequences,
+        user_vid: &[u32],
+        mut each: impl FnMut(usize, Option<Tensor>) -> Result<()>,
+    ) -> Result<()> {
+        if self.dev.is_cpu() {
+            for (k, b) in batches.enumerate() {
+                let loss = self.step(b, seqs, user_vid)?;
+                each(k, loss)?;
+            }
+            return Ok(());
+        }
+        let mut feed = self.feed.take().expect("the feeder is home between epochs");
+        let (result, feed) = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Ready>(AHEAD);
+            let producer = s.spawn(move || {
+                for b in batches {
+                    if tx.send(feed.prepare(b, seqs, user_vid)).is_err() {
+                        break;
+                    }
+                }
+                feed
+            });
+            let mut result = Ok(());
+            for k in 0.. {
+                // A step's "prepare" part is the wait for its batch.
+                let laps = Laps::new(self.profile.is_some(), &self.dev);
+                let Ok(ready) = rx.recv() else { break };
+                if let Err(e) = self.step_ready(ready, laps).and_then(|loss| each(k, loss)) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            // Ends the feeder's loop if a step failed.
+            drop(rx);
+            (result, producer.join().expect("the batch feeder panicked"))
+        });
+        self.feed = Some(feed);
+        result
+    }
+
+    fn feeder_mut(&mut self) -> &mut Feeder {
+        self.feed
+            .as_mut()
+            .expect("the feeder is home between epochs")
+    }
+
+    /// One optimiser step on a prepared batch.
+    fn step_ready(&mut self, ready: Ready, mut laps: Laps) -> Result<Option<Tensor>> {
+        let Ready {
+            batch:
+                Batch {
+                    user,
+                    targets,
+                    weights,
+                    seen,
+                },
+            cand_ids,
+            ix,
+            log_q,
+            encode_ms,
+        } = ready;
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        let seen = self.tcfg.mask_seen.then_some(&seen[..]);
+        let full = self.negatives == Negatives::Full;
+        let prepare = laps.lap()?;
+        let pad = [0u32];
+        let (user_ids, user_slots, item_lists) = user.ids();
+        let gu = self
+            .user_id
+            .gather(user_ids.iter().chain(&pad), &self.dev)?;
+        let guf = self
+            .user_feat
+            .gather(user_slots.iter().chain(&pad), &self.dev)?;
+        let all = self.all_items.take();
+        let item_ids: &[u32] = match &all {
+            Some(x) => &x.items,
+            None => &ix.items,
+        };
+        let gi = self.item_id.gather(
+            item_lists.into_iter().flatten().chain(item_ids).chain(&pad),
+            &self.dev,
+        )?;
+        let item_slots: &[u32] = match &all {
+            Some(x) => &x.slots,
+            None => &ix.slots,
+        };
+        let gif = self
+            .item_feat
+            .gather(item_slots.iter().chain(&pad), &self.dev)?;
+        let gather = laps.lap()?;
+        let tables = UserTables {
+            user_id: Table::Gathered(&gu),
+            user_feat: Table::Gathered(&guf),
+            history: Table::Gathered(&gi),
+        };
+        let p = self.tcfg.dropout;
+        let rng = &mut self.rng;
+        let mut reg = |x: &Tensor| dropout(x, p, rng);
+        let user_in = match &user {
+            UserSide::Rows(ux) => {
+                self.user_tower
+                    .input(&tables, &self.user_schema, ux, &mut reg)?
+            }
+            UserSide::Windows { x, rows } => self
+                .user_tower
+                .input_windows(&tables, &self.user_schema, x, &mut reg)?
+                .index_select(&Tensor::from_slice(rows, rows.len(), &self.dev)?, 0)?,
+        };
+        let user_in = dropout(&user_in, p, &mut self.rng)?;
+        let u = self.user_tower.head(&user_in)?;
+        let item_tables = ItemTables {
+            item_id: Table::Gathered(&gi),
+            item_feat: Table::Gathered(&gif),
+        };
+        let item_x = all.as_ref().unwrap_or(&ix);
+        let item_in = self
+            .item_tower
+            .input(&item_tables, &self.item_schema, item_x)?;
+        let item_in = dropout(&item_in, p, &mut self.rng)?;
+        let c = l2_normalize(&self.item_tower.mlp.forward(&item_in)?)?;
+        let inv_tau = self.log_tau.as_tensor().neg()?.exp()?;
+        let loss = if full {
+            full_softmax_loss(&u, &c, &inv_tau, &targets, Some(&weights), seen)?
+        } else {
+            sampled_softmax_loss(
+                &u,
+                &c,
+                &inv_tau,
+                &log_q,
+                &targets,
+                &cand_ids,
+                Some(&weights),
+                seen,
+            )?
+        };
+        self.all_items = all;
+        let forward = laps.lap()?;
+        let grads = loss.backward()?;
+        let backward = laps.lap()?;
+        self.dense_opt.step(&grads)?;
+        self.step += 1;
+        for (table, g) in [
+            (&mut self.user_id, gu),
+            (&mut self.user_feat, guf),
+            (&mut self.item_id, gi),
+            (&mut self.item_feat, gif),
+        ] {
+            if let Some(grad) = grads.get(&g.leaf) {
+                table.apply(&g, grad, &self.sparse_opt, self.step)?;
+            }
+            table.reclaim(g);
+        }
+        let update = laps.lap()?;
+        if let Some(p) = &mut self.profile {
+            p.prepare_ms += prepare;
+            p.encode_ms += encode_ms;
+            p.gather_ms += gather;
+            p.forward_ms += forward;
+            p.backward_ms += backward;
+            p.update_ms += update;
+            p.steps += 1;
+        }
+        Ok(Some(loss.detach()))
+    }
 
     /// A deep copy of the current weights as an inference model.
     fn snapshot(&self) -> Result<TwoTower> {
@@ -1028,10 +1166,14 @@ impl Trainer {
         };
         let item_ids = self.item_id.to_tensor(&Device::Cpu)?;
         let temperature = self.log_tau.as_tensor().exp()?.to_scalar::<f32>()?;
+        let feed = self
+            .feed
+            .as_ref()
+            .expect("the feeder is home between epochs");
         let user = UserModel::new(
             self.cfg.clone(),
-            self.users.clone(),
-            self.items.ids.clone(),
+            feed.users.clone(),
+            feed.items.ids.clone(),
             user_tower,
             [
                 self.user_id.to_tensor(&Device::Cpu)?,
@@ -1042,7 +1184,7 @@ impl Trainer {
         );
         let item = ItemModel {
             cfg: self.cfg.clone(),
-            items: self.items.clone(),
+            items: feed.items.clone(),
             tower: item_tower,
             id_emb: item_ids,
             feat_emb: self.item_feat.to_tensor(&Device::Cpu)?,
