@@ -104,6 +104,8 @@ pub(crate) struct Trainer {
     all_items: Option<ItemInput>,
     /// Dropout masks on the CPU.
     rng: ChaCha8Rng,
+    /// Prepare batches ahead on a thread of their own (on a GPU; tests force it on a CPU).
+    ahead: bool,
 }
 
 /// Everything preparing a batch reads and draws: vocabularies, the logQ estimator, id dropout
@@ -900,6 +902,7 @@ impl Trainer {
             x
         });
         let windows = user_tower.seq.is_some();
+        let ahead = !dev.is_cpu();
         let (user_schema, item_schema) = (users.schema.clone(), items.schema.clone());
         Ok(Trainer {
             dev,
@@ -932,6 +935,7 @@ impl Trainer {
             negatives,
             all_items,
             rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(2)),
+            ahead,
         })
     }
 
@@ -980,7 +984,7 @@ impl Trainer {
         user_vid: &[u32],
         mut each: impl FnMut(usize, Option<Tensor>) -> Result<()>,
     ) -> Result<()> {
-        if self.dev.is_cpu() {
+        if !self.ahead {
             for (k, b) in batches.enumerate() {
                 let loss = self.step(b, seqs, user_vid)?;
                 each(k, loss)?;
@@ -1190,5 +1194,84 @@ impl Trainer {
             feat_emb: self.item_feat.to_tensor(&Device::Cpu)?,
         };
         Ok(TwoTower { user, item })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Batches prepared ahead on their own thread are the batches prepared inline: the same
+    /// seed trains the same weights either way.
+    #[test]
+    fn batches_prepared_ahead_train_the_same_weights_as_inline() {
+        let (users, items, len) = (40u32, 300u32, 30usize);
+        let cfg = ModelConfig {
+            dim: 8,
+            id_dim: 8,
+            hidden: 16,
+            history: 6,
+            ..Default::default()
+        };
+        let tcfg = TrainConfig {
+            batch_size: 32,
+            ..Default::default()
+        };
+        let names =
+            |p: &str, n: u32| -> Vec<String> { (0..n).map(|i| format!("{p}{i}")).collect() };
+        let (u_ids, i_ids) = (names("u", users), names("i", items));
+        let vocab = |ids: &[String]| EntityVocab::build(ids.iter().map(String::as_str), None, 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let seqs: Sequences = (0..users)
+            .map(|_| {
+                (0..len)
+                    .map(|t| (rng.random_range(1..=items), t as i64, 1.0))
+                    .collect()
+            })
+            .collect();
+        let user_vid: Vec<u32> = (1..=users).collect();
+        let batches: Vec<Vec<Example>> = (0..6)
+            .map(|_| {
+                (0..32)
+                    .map(|_| (rng.random_range(0..users), rng.random_range(6..len as u32)))
+                    .collect()
+            })
+            .collect();
+        let train = |ahead: bool| -> Vec<f32> {
+            let mut t = Trainer::new(&cfg, &tcfg, vocab(&u_ids), vocab(&i_ids)).unwrap();
+            t.ahead = ahead;
+            let mut losses = 0;
+            t.run_steps(
+                batches.iter().map(Vec::as_slice),
+                &seqs,
+                &user_vid,
+                |_, l| {
+                    losses += l.is_some() as usize;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(losses, batches.len(), "every batch stepped");
+            assert!(t.feed.is_some(), "the feeder came home");
+            t.item_id
+                .to_tensor(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (inline, ahead) = (train(false), train(true));
+        assert_eq!(inline, ahead);
+        let fresh = Trainer::new(&cfg, &tcfg, vocab(&u_ids), vocab(&i_ids))
+            .unwrap()
+            .item_id
+            .to_tensor(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(inline, fresh, "training moved the weights");
     }
 }
