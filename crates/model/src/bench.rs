@@ -96,33 +96,25 @@ pub fn bench_train(
     };
     let batches: Vec<Vec<Example>> = (0..steps + 3).map(|_| batch()).collect();
     // Through `run_steps`, as training runs them (on a GPU, batches prepared ahead).
-    let none = |_: usize, _: Option<candle_core::Tensor>| Ok(());
-    t.run_steps(
-        batches[..3].iter().map(Vec::as_slice),
-        &seqs,
-        &user_vid,
-        none,
-    )?;
+    let run = |t: &mut Trainer, batches: &[Vec<Example>]| {
+        t.run_steps(
+            batches.iter().map(Vec::as_slice),
+            &seqs,
+            &user_vid,
+            |_, _| Ok(()),
+        )
+    };
+    run(&mut t, &batches[..3])?;
     // Steps queue work on a GPU without waiting for it: time from an idle device to the end of
     // the last step's work.
     t.dev.synchronize()?;
     let started = Instant::now();
-    t.run_steps(
-        batches[3..].iter().map(Vec::as_slice),
-        &seqs,
-        &user_vid,
-        none,
-    )?;
+    run(&mut t, &batches[3..])?;
     t.dev.synchronize()?;
     let secs = started.elapsed().as_secs_f64();
     let phases = if profile {
         t.profile = Some(StepPhases::default());
-        t.run_steps(
-            batches[3..].iter().map(Vec::as_slice),
-            &seqs,
-            &user_vid,
-            none,
-        )?;
+        run(&mut t, &batches[3..])?;
         t.profile.take().map(|p| p.per_step())
     } else {
         None
