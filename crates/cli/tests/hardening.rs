@@ -47,6 +47,19 @@ fn versions_of(url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the user tower at `url` serves `version` (it loads its versions after it starts
+/// listening; a rollout checks the user tower first and stops if it does not serve the target).
+fn wait_user_tower_serves(url: &str, version: &str) {
+    poll_json(
+        &["call", "user-tower", "versions", "--addr", url, "--json"],
+        |v| {
+            v["versions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["model_version"] == version))
+        },
+    );
+}
+
 fn serving(url: &str) -> String {
     let v = poll_json(
         &["call", "ann", "metadata", "--addr", url, "--json"],
@@ -1063,6 +1076,7 @@ fn a_no_op_rollout_keeps_the_rollback_version_pinned() {
     let (_ut, ut, _) = user_tower(&artifacts, &log, &["--keep", "1"]);
     let (_h, host) = ann_host(&artifacts, &["--version", "v1"]);
     let fleet = fleet_args(&host, &ut, &artifacts);
+    wait_user_tower_serves(&ut, "v2");
     let mut roll = vec!["rollout", "--to", "v2", "--admin-token", "t"];
     roll.extend(&fleet);
     ok(&roll);
@@ -1100,6 +1114,7 @@ fn a_rollout_waits_for_an_unreachable_host_then_undoes_what_it_moved() {
     };
     let hosts = format!("{a},{b},{dead}");
     let fleet = fleet_args(&hosts, &ut, &artifacts);
+    wait_user_tower_serves(&ut, "v2");
     let mut roll = vec![
         "rollout",
         "--to",
