@@ -468,16 +468,15 @@ impl Orchestrator {
     }
 
     /// The user tower replicas in the order to try them for one request: round-robin, with
-    /// the replicas that failed in the last [`USER_TOWER_PENALTY`] after the others.
-    fn user_tower_order(&self) -> impl Iterator<Item = usize> + '_ {
+    /// the replicas that failed in the last [`USER_TOWER_PENALTY`] after the others. Decided
+    /// once, up front: a replica that fails during this request is not tried a second time,
+    /// and one whose penalty ends meanwhile is not skipped by both passes of a lazy order.
+    fn user_tower_order(&self) -> Vec<usize> {
         let n = self.user_towers.len();
         let first = self.next_user_tower.fetch_add(1, Ordering::Relaxed);
-        let failed = move |i: usize| self.user_tower_failed[i].get(USER_TOWER_PENALTY).is_some();
-        let turn = move |k: usize| (first + k) % n;
-        (0..n)
-            .map(turn)
-            .filter(move |&i| !failed(i))
-            .chain((0..n).map(turn).filter(move |&i| failed(i)))
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        order.sort_by_key(|&i| self.user_tower_failed[i].get(USER_TOWER_PENALTY).is_some());
+        order
     }
 
     pub async fn get_candidates_after(&self, ask: &Ask<'_>) -> Result<Candidates, HomefeedError> {
