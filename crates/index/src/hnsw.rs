@@ -637,9 +637,9 @@ impl Hnsw {
     /// The share of the exact 10 nearest neighbours that the codes place among their own 10
     /// nearest, for up to 200 of the index's own vectors as queries against up to 20,000 of
     /// them (the query itself left out): what the code walk at small `ef` keeps, since only
-    /// its `ef` candidates are re-ranked exactly. Synthetic embeddings score 0.97–0.98; a
-    /// trained model's item embeddings (cosine 0.99 to their mean, neighbours 4·10⁻⁴ apart in
-    /// score) 0.82–0.83, and there the `f32` walk needed a third of the code walk's `ef` for
+    /// its `ef` candidates are re-ranked exactly. Synthetic embeddings score 0.98; a trained
+    /// model's item embeddings (cosine 0.99 to their mean, neighbours 4·10⁻⁴ apart in score)
+    /// 0.66–0.68, and there the `f32` walk needed a third of the code walk's `ef` for
     /// the same recall. (Measured among the codes' 20 nearest instead, as before, the trained
     /// set scored 0.88 and a rotation of the codes to principal axes lifted it past 0.97
     /// while the code walk still lost to `f32`: the top 20 hid what the walk pays for.)
