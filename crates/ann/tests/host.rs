@@ -60,6 +60,10 @@ impl Drop for Running {
 
 async fn start(root: &Path, version: Option<u64>) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_on(listener, root, version).await
+}
+
+async fn start_on(listener: tokio::net::TcpListener, root: &Path, version: Option<u64>) -> Running {
     let addr = listener.local_addr().unwrap();
     let host = Arc::new(AnnHost::new(AnnConfig {
         version: version.map(ModelVersion),
@@ -523,4 +527,58 @@ async fn excluded_items_are_left_out_and_the_answer_still_holds_k() {
         "{}",
         err.message()
     );
+}
+
+/// The typed client's lean transport (plain `http://`, lazily connected): answers, passes a
+/// refusal's code and message through, reports a stopped host as unreachable, and reconnects
+/// once a host listens on the address again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lean_client_transport_answers_refuses_fails_over_and_reconnects() {
+    use tandem_client::{AnnClient, ClientOptions, SearchQuery};
+    let dir = tempfile::tempdir().unwrap();
+    publish_version(dir.path(), 1);
+    let mut h = start(dir.path(), Some(1)).await;
+    wait_for_version(&mut h.client, "v1").await;
+    let addr = h.addr;
+    let opts = ClientOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let c = AnnClient::lazy(&format!("http://{addr}"), &opts).unwrap();
+    let ask = |v: u64| SearchQuery {
+        model_name: "m".into(),
+        version: ModelVersion(v),
+        embedding: query("v1").embedding,
+        k: 10,
+        ef: None,
+        allow_version_mismatch: false,
+        exclude: Vec::new(),
+    };
+    let t = Some(Duration::from_secs(5));
+    // Concurrent calls share the one connection.
+    let answers = futures_util::future::join_all((0..8).map(|_| c.search(ask(1), t))).await;
+    for a in answers {
+        let a = a.unwrap();
+        assert_eq!((a.items.len(), a.version), (10, ModelVersion(1)));
+    }
+    let refused = c.search(ask(2), t).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    assert!(refused.to_string().contains("serves m v1"), "{refused}");
+
+    drop(h);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let down = loop {
+        match c.search(ask(1), t).await {
+            Err(e) => break e,
+            Ok(_) => assert!(Instant::now() < deadline, "the stopped host still answers"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(down.code(), Some(Code::Unavailable), "{down}");
+
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let mut again = start_on(listener, dir.path(), Some(1)).await;
+    wait_for_version(&mut again.client, "v1").await;
+    let a = c.search(ask(1), t).await.unwrap();
+    assert_eq!(a.items.len(), 10);
 }

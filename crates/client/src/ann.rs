@@ -6,9 +6,8 @@ use std::time::Duration;
 use tandem_proto::ann::v1 as pb;
 use tandem_proto::ann::v1::ann_search_client::AnnSearchClient;
 use tandem_types::ModelVersion;
-use tonic::transport::Channel;
 
-use crate::{channel, connect, ClientOptions, Result, Target};
+use crate::{connect, lazy_wire, ClientOptions, Result, Target, Wire};
 
 /// What a host reports about the index it serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,21 +73,21 @@ pub struct Swapped {
 #[derive(Clone)]
 pub struct AnnClient {
     target: Target,
-    inner: AnnSearchClient<Channel>,
+    inner: AnnSearchClient<Wire>,
 }
 
 impl AnnClient {
     /// A client that connects on first use (a host that is down is retried by the next call).
     pub fn lazy(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, channel(url, opts)?, opts)
+        Self::over(url, lazy_wire(url, opts)?, opts)
     }
 
     /// A client connected now.
     pub async fn connect(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, connect(url, opts).await?, opts)
+        Self::over(url, Wire::Tonic(connect(url, opts).await?), opts)
     }
 
-    fn over(url: &str, ch: Channel, opts: &ClientOptions) -> Result<Self> {
+    fn over(url: &str, ch: Wire, opts: &ClientOptions) -> Result<Self> {
         Ok(AnnClient {
             target: Target::new(url, opts)?,
             inner: AnnSearchClient::new(ch).max_decoding_message_size(64 << 20),

@@ -5,9 +5,8 @@ use std::time::Duration;
 use tandem_proto::homefeed::v1 as pb;
 use tandem_proto::homefeed::v1::homefeed_client::HomefeedClient as Raw;
 use tandem_types::ModelVersion;
-use tonic::transport::Channel;
 
-use crate::{channel, connect, ClientOptions, Result, Target};
+use crate::{connect, lazy_wire, ClientOptions, Result, Target, Wire};
 
 /// A GetCandidates answer with the versions that produced it.
 #[derive(Debug, Clone)]
@@ -33,21 +32,29 @@ impl Answer {
 #[derive(Clone)]
 pub struct HomefeedClient {
     target: Target,
-    inner: Raw<Channel>,
+    inner: Raw<Wire>,
 }
 
 impl HomefeedClient {
     /// A client that connects on first use.
     pub fn lazy(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, channel(url, opts)?, opts)
+        Self::over(url, lazy_wire(url, opts)?, opts)
+    }
+
+    /// A client that connects on first use over tonic's channel even for `http://` (its
+    /// request HEADERS and DATA leave in separate writes). `tandem bench homefeed`'s load
+    /// generator uses it, so the services' CPU per request compares across versions of the
+    /// lean transport without the client changing under them.
+    pub fn lazy_channel(url: &str, opts: &ClientOptions) -> Result<Self> {
+        Self::over(url, Wire::Tonic(crate::channel(url, opts)?), opts)
     }
 
     /// A client connected now.
     pub async fn connect(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, connect(url, opts).await?, opts)
+        Self::over(url, Wire::Tonic(connect(url, opts).await?), opts)
     }
 
-    fn over(url: &str, ch: Channel, opts: &ClientOptions) -> Result<Self> {
+    fn over(url: &str, ch: Wire, opts: &ClientOptions) -> Result<Self> {
         Ok(HomefeedClient {
             target: Target::new(url, opts)?,
             inner: Raw::new(ch),

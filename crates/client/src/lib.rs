@@ -16,6 +16,7 @@ pub mod ann;
 pub mod fleet;
 pub mod homefeed;
 pub mod usertower;
+mod wire;
 
 pub use ann::{AnnClient, HostMetadata, SearchAnswer, SearchQuery, Swapped};
 pub use fleet::{FleetAdmin, FleetError, HostStatus, Step};
@@ -25,6 +26,7 @@ pub use tonic::Code;
 pub use usertower::{
     EmbedQuery, Embedding, EngagementEvent, LoadedVersion, Recorded, UserTowerClient,
 };
+pub use wire::Wire;
 
 use std::time::Duration;
 
@@ -176,6 +178,20 @@ pub fn normalize_url(url: &str) -> String {
 /// next call.
 pub fn channel(url: &str, opts: &ClientOptions) -> Result<Channel> {
     Ok(endpoint(url, opts)?.connect_lazy())
+}
+
+/// A lazily connecting transport to `url`: the lean HTTP/2 one ([`wire`]'s `Direct`) for
+/// plain `http://`, tonic's channel for `https://`.
+pub fn lazy_wire(url: &str, opts: &ClientOptions) -> Result<Wire> {
+    let ep = endpoint(url, opts)?;
+    if ep.uri().scheme_str() == Some("https") {
+        return Ok(Wire::Tonic(ep.connect_lazy()));
+    }
+    Ok(Wire::Direct(wire::Direct::new(
+        ep.uri(),
+        opts.connect_timeout,
+        opts.keepalive,
+    )))
 }
 
 /// A channel connected now (errors name the address and the cause).

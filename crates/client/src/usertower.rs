@@ -6,11 +6,10 @@ use std::time::Duration;
 use tandem_proto::usertower::v1 as pb;
 use tandem_proto::usertower::v1::user_tower_client::UserTowerClient as Raw;
 use tandem_types::ModelVersion;
-use tonic::transport::Channel;
 
 pub use pb::EngagementEvent;
 
-use crate::{channel, connect, ClientOptions, Result, Target};
+use crate::{connect, lazy_wire, ClientOptions, Result, Target, Wire};
 
 /// What to embed: a user, with optional overrides of the stored history and features.
 #[derive(Debug, Clone, Default)]
@@ -79,21 +78,21 @@ impl From<pb::RecordResponse> for Recorded {
 #[derive(Clone)]
 pub struct UserTowerClient {
     target: Target,
-    inner: Raw<Channel>,
+    inner: Raw<Wire>,
 }
 
 impl UserTowerClient {
     /// A client that connects on first use.
     pub fn lazy(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, channel(url, opts)?, opts)
+        Self::over(url, lazy_wire(url, opts)?, opts)
     }
 
     /// A client connected now.
     pub async fn connect(url: &str, opts: &ClientOptions) -> Result<Self> {
-        Self::over(url, connect(url, opts).await?, opts)
+        Self::over(url, Wire::Tonic(connect(url, opts).await?), opts)
     }
 
-    fn over(url: &str, ch: Channel, opts: &ClientOptions) -> Result<Self> {
+    fn over(url: &str, ch: Wire, opts: &ClientOptions) -> Result<Self> {
         Ok(UserTowerClient {
             target: Target::new(url, opts)?,
             inner: Raw::new(ch),

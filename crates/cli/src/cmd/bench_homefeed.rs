@@ -149,7 +149,7 @@ pub fn run(a: HomefeedArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let client = HomefeedClient::lazy(&hf, &ClientOptions::default())?;
+        let client = HomefeedClient::lazy_channel(&hf, &ClientOptions::default())?;
         // Wait (bounded) until the cluster answers.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
