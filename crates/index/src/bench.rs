@@ -7,7 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::{build, recall_at_k, Exact, HnswParams, IndexError, Result};
+use crate::{build, recall_at_k, AnnIndex, Exact, HnswParams, IndexError, Result};
 
 /// Reads TEXMEX `.fvecs`: each vector is a little-endian i32 dimension followed by that many f32.
 pub fn read_fvecs(path: &Path, limit: Option<usize>) -> Result<(Vec<f32>, usize)> {
@@ -79,6 +79,14 @@ pub struct BenchReport {
     /// Opening the written index file (what a host does on LoadVersion, after the artifact
     /// checksums): Tandem's HNSW maps it and checks every link.
     pub load_seconds: f64,
+    /// A host's whole LoadVersion of the index published as an artifact version: the
+    /// manifest, every file's checksums (chunked files on every core), the mapping and its
+    /// checks, and the item ids.
+    pub artifact_load_seconds: f64,
+    /// Of which the checksums.
+    pub verify_seconds: f64,
+    /// Size of the published version (index file and item ids).
+    pub artifact_bytes: u64,
     /// Whether the loaded index serves from a memory-mapped file.
     pub mapped: bool,
     /// What layer 0 is scored on (`auto` resolved at build).
@@ -120,21 +128,21 @@ pub fn run(
     let index = build(base, dim, params)?;
     let build_seconds = t.elapsed().as_secs_f64();
     let rss_after_build_mb = peak_rss_mb();
-    let bytes = index.to_bytes();
+    let root = std::env::temp_dir().join(format!("tandem-bench-ann-{}", std::process::id()));
+    let published = publish_for_bench(&root, index.as_ref(), params, build_seconds);
     drop(index);
-    let file_bytes_per_vector = bytes.len() as f64 / n.max(1) as f64;
-    let path = std::env::temp_dir().join(format!("tandem-bench-ann-{}.bin", std::process::id()));
-    std::fs::write(&path, &bytes).map_err(|source| crate::IndexError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    drop(bytes);
-    let t = Instant::now();
-    let opened = crate::open_with(&path, params.engine, params.layout);
-    let load_seconds = t.elapsed().as_secs_f64();
-    // The mapping keeps the file's pages; the name can go now.
-    let _ = std::fs::remove_file(&path);
-    let index = opened?;
+    let timed = published.and_then(|dir| time_loads(&dir, params));
+    // The mapping keeps the file's pages; the names can go now.
+    let _ = std::fs::remove_dir_all(&root);
+    let Loads {
+        index,
+        load_seconds,
+        artifact_load_seconds,
+        verify_seconds,
+        file_bytes,
+        artifact_bytes,
+    } = timed?;
+    let file_bytes_per_vector = file_bytes as f64 / n.max(1) as f64;
     let nq = queries.len() / dim;
     let mut rows = Vec::new();
     for &ef in efs {
@@ -180,6 +188,9 @@ pub fn run(
         params: params.clone(),
         build_seconds,
         load_seconds,
+        artifact_load_seconds,
+        verify_seconds,
+        artifact_bytes,
         mapped: index.is_mapped(),
         layout: index.layout(),
         file_bytes_per_vector,
@@ -191,6 +202,76 @@ pub fn run(
         rss_after_ground_truth_mb,
         rss_after_build_mb,
         rows,
+    })
+}
+
+/// Publishes `index` (items named `i0`, `i1`, …) as version 1 of a series under `root`.
+fn publish_for_bench(
+    root: &std::path::Path,
+    index: &dyn AnnIndex,
+    params: &HnswParams,
+    build_seconds: f64,
+) -> Result<std::path::PathBuf> {
+    use crate::artifact::{publish, IndexManifest};
+    let v = tandem_types::ModelVersion(1);
+    let items: Vec<String> = (0..index.len()).map(|i| format!("i{i}")).collect();
+    let meta = IndexManifest {
+        versions: [("bench".to_string(), v)].into(),
+        index_id: "bench-v1".into(),
+        model_name: "bench".into(),
+        model_version: v,
+        item_count: items.len() as u64,
+        dim: index.dim(),
+        params: params.clone(),
+        build_seconds,
+        ann_recall_at_10: 0.0,
+        recall_queries: 0,
+        recall_query_source: "bench".into(),
+        feature_schema_hash: String::new(),
+        shards: 0,
+        shard_items: Vec::new(),
+    };
+    Ok(publish(root, index, &items, &meta)?.dir)
+}
+
+struct Loads {
+    index: Box<dyn AnnIndex>,
+    load_seconds: f64,
+    artifact_load_seconds: f64,
+    verify_seconds: f64,
+    file_bytes: u64,
+    artifact_bytes: u64,
+}
+
+/// Times a host's load of the published version `dir`, then (pages now cached, as for the
+/// host) the index file's open alone, which is the index the bench then searches.
+fn time_loads(dir: &std::path::Path, params: &HnswParams) -> Result<Loads> {
+    let path = dir.join(crate::artifact::INDEX_FILE);
+    let file_bytes = std::fs::metadata(&path)
+        .map_err(|source| crate::IndexError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    let t = Instant::now();
+    let manifest: tandem_artifact::Manifest<crate::artifact::IndexManifest> =
+        tandem_artifact::open(dir)?;
+    let verify_seconds = t.elapsed().as_secs_f64();
+    let artifact_bytes = manifest.files.values().map(|f| f.bytes).sum();
+    let t = Instant::now();
+    let loaded = crate::artifact::load(dir)?;
+    let artifact_load_seconds = t.elapsed().as_secs_f64();
+    drop(loaded);
+    let t = Instant::now();
+    let index = crate::open_with(&path, params.engine, params.layout)?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    Ok(Loads {
+        index,
+        load_seconds,
+        artifact_load_seconds,
+        verify_seconds,
+        file_bytes,
+        artifact_bytes,
     })
 }
 

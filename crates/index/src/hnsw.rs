@@ -1061,39 +1061,44 @@ fn check_levels(levels: &[u8], entry: usize, max_level: usize) -> Result<()> {
 /// the graph).
 fn check_upper(levels: &[u8], off: &[u64], ids: &[u32], m: usize) -> Result<()> {
     let n = levels.len();
-    let bad = |v: usize, what: String| {
-        Err(IndexError::Invalid(format!(
-            "corrupt HNSW links: node {v} {what}"
-        )))
-    };
     if off.len() != n + 1 || off.first() != Some(&0) || off[n] as usize != ids.len() {
         return Err(IndexError::Invalid(
             "corrupt HNSW links: upper-layer offsets do not cover the lists".into(),
         ));
     }
-    for (v, &level) in levels.iter().enumerate() {
+    // Nodes are checked on every core; the first bad node is the one reported.
+    let node = |v: usize| -> Option<String> {
+        let level = levels[v];
         let (start, end) = (off[v] as usize, off[v + 1] as usize);
         if start > end || end > ids.len() {
-            return bad(v, format!("has upper-layer lists at {start}..{end}"));
+            return Some(format!("has upper-layer lists at {start}..{end}"));
         }
         let mut p = start;
         for layer in 1..=level as usize {
             let len = ids.get(p).copied().unwrap_or(u32::MAX) as usize;
             if len > m || p + 1 + len > end {
-                return bad(v, format!("has a bad list on layer {layer}"));
+                return Some(format!("has a bad list on layer {layer}"));
             }
             for &u in &ids[p + 1..p + 1 + len] {
                 if levels.get(u as usize).is_none_or(|&l| (l as usize) < layer) {
-                    return bad(v, format!("links to node {u} on layer {layer}"));
+                    return Some(format!("links to node {u} on layer {layer}"));
                 }
             }
             p += 1 + len;
         }
-        if p != end {
-            return bad(v, format!("has {} stray upper-layer values", end - p));
-        }
+        (p != end).then(|| format!("has {} stray upper-layer values", end - p))
+    };
+    use rayon::prelude::*;
+    match (0..n)
+        .into_par_iter()
+        .with_min_len(4096)
+        .find_map_first(|v| node(v).map(|what| (v, what)))
+    {
+        Some((v, what)) => Err(IndexError::Invalid(format!(
+            "corrupt HNSW links: node {v} {what}"
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 const MAGIC1: &[u8] = b"TANDEM-HNSW-1\0\0\0";
