@@ -502,7 +502,7 @@ impl AnnHost {
                         .index
                         .items
                         .get(row as usize)
-                        .map(|id| (id.clone(), score))
+                        .map(|id| (id.to_string(), score))
                 })
                 .collect(),
             model_name: meta.model_name.clone(),
