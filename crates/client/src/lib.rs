@@ -180,7 +180,7 @@ pub fn channel(url: &str, opts: &ClientOptions) -> Result<Channel> {
     Ok(endpoint(url, opts)?.connect_lazy())
 }
 
-/// A lazily connecting transport to `url`: the lean HTTP/2 one ([`wire`]'s `Direct`) for
+/// A lazily connecting transport to `url`: the lean HTTP/2 one (`wire::Direct`) for
 /// plain `http://`, tonic's channel for `https://`.
 pub fn lazy_wire(url: &str, opts: &ClientOptions) -> Result<Wire> {
     let ep = endpoint(url, opts)?;

@@ -134,15 +134,9 @@ pub fn run(
     let timed = published.and_then(|dir| time_loads(&dir, params));
     // The mapping keeps the file's pages; the names can go now.
     let _ = std::fs::remove_dir_all(&root);
-    let Loads {
-        index,
-        load_seconds,
-        artifact_load_seconds,
-        verify_seconds,
-        file_bytes,
-        artifact_bytes,
-    } = timed?;
-    let file_bytes_per_vector = file_bytes as f64 / n.max(1) as f64;
+    let loads = timed?;
+    let index = &loads.index;
+    let file_bytes_per_vector = loads.file_bytes as f64 / n.max(1) as f64;
     let nq = queries.len() / dim;
     let mut rows = Vec::new();
     for &ef in efs {
@@ -187,10 +181,10 @@ pub fn run(
         dim,
         params: params.clone(),
         build_seconds,
-        load_seconds,
-        artifact_load_seconds,
-        verify_seconds,
-        artifact_bytes,
+        load_seconds: loads.load_seconds,
+        artifact_load_seconds: loads.artifact_load_seconds,
+        verify_seconds: loads.verify_seconds,
+        artifact_bytes: loads.artifact_bytes,
         mapped: index.is_mapped(),
         layout: index.layout(),
         file_bytes_per_vector,
