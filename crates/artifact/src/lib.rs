@@ -363,19 +363,20 @@ pub fn open<M: DeserializeOwned>(dir: &Path) -> Result<Manifest<M>> {
             verify_chunks(&path, entry)?;
             continue;
         }
-        let found = hash_file(&path)?;
-        if found.bytes != entry.bytes {
+        // Checked whole (no chunk checksums recorded): one pass, no chunk hashes computed.
+        let (sha256, bytes) = hash_read(File::open(&path).map_err(io_err(&path))?, &path)?;
+        if bytes != entry.bytes {
             return Err(ArtifactError::SizeMismatch {
                 path,
                 expected: entry.bytes,
-                actual: found.bytes,
+                actual: bytes,
             });
         }
-        if found.sha256 != entry.sha256 {
+        if sha256 != entry.sha256 {
             return Err(ArtifactError::ChecksumMismatch {
                 path,
                 expected: entry.sha256.clone(),
-                actual: found.sha256,
+                actual: sha256,
             });
         }
     }
@@ -421,21 +422,7 @@ pub fn hash_file_chunked(path: &Path, chunk: u64) -> Result<FileEntry> {
     let chunked = chunk > 0 && size > chunk;
     // The chunks on every core, the whole file beside them on one more thread.
     let (whole, chunks) = rayon::join(
-        || -> Result<(String, u64)> {
-            let mut file = File::open(path).map_err(io_err(path))?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut bytes = 0u64;
-            loop {
-                let n = file.read(&mut buf).map_err(io_err(path))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                bytes += n as u64;
-            }
-            Ok((hex::encode(hasher.finalize()), bytes))
-        },
+        || hash_read(File::open(path).map_err(io_err(path))?, path),
         || -> Result<Vec<String>> {
             if !chunked {
                 return Ok(Vec::new());
@@ -461,16 +448,31 @@ fn hash_range(path: &Path, start: u64, len: u64) -> Result<String> {
     use std::io::{Seek, SeekFrom};
     let mut file = File::open(path).map_err(io_err(path))?;
     file.seek(SeekFrom::Start(start)).map_err(io_err(path))?;
+    let (sha256, read) = hash_read(file.take(len), path)?;
+    if read != len {
+        return Err(ArtifactError::Io {
+            path: path.to_path_buf(),
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
+    Ok(sha256)
+}
+
+/// The sha256 of everything `r` yields, and how many bytes that was (`path` names it in
+/// errors).
+fn hash_read(mut r: impl Read, path: &Path) -> Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
-    let mut left = len;
-    while left > 0 {
-        let want = (buf.len() as u64).min(left) as usize;
-        file.read_exact(&mut buf[..want]).map_err(io_err(path))?;
-        hasher.update(&buf[..want]);
-        left -= want as u64;
+    let mut bytes = 0u64;
+    loop {
+        let n = r.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok((hex::encode(hasher.finalize()), bytes))
 }
 
 /// Checks every chunk of a chunked entry on every core; the first chunk that differs (in file

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::quant::{block_shape, Codes};
 use crate::store::{align_up, Slab, Store};
@@ -537,12 +538,9 @@ impl Hnsw {
             grow: Mutex::new(()),
             levels: &levels,
         };
-        {
-            use rayon::prelude::*;
-            (1..n as u32)
-                .into_par_iter()
-                .for_each_init(|| Visited::new(n), |visited, v| builder.insert(v, visited));
-        }
+        (1..n as u32)
+            .into_par_iter()
+            .for_each_init(|| Visited::new(n), |visited, v| builder.insert(v, visited));
         let (entry, max_level) = *builder.top.read().expect("lock poisoned");
         let m0 = builder.m0;
         let mut links0 = vec![0u32; n * m0];
@@ -1088,7 +1086,6 @@ fn check_upper(levels: &[u8], off: &[u64], ids: &[u32], m: usize) -> Result<()> 
         }
         (p != end).then(|| format!("has {} stray upper-layer values", end - p))
     };
-    use rayon::prelude::*;
     match (0..n)
         .into_par_iter()
         .with_min_len(4096)

@@ -1237,6 +1237,10 @@ mod tests {
                     .collect()
             })
             .collect();
+        let weights = |t: &Trainer| -> Vec<f32> {
+            let w = t.item_id.to_tensor(&Device::Cpu).unwrap();
+            w.flatten_all().unwrap().to_vec1().unwrap()
+        };
         let train = |ahead: bool| -> Vec<f32> {
             let mut t = Trainer::new(&cfg, &tcfg, vocab(&u_ids), vocab(&i_ids)).unwrap();
             t.ahead = ahead;
@@ -1253,25 +1257,11 @@ mod tests {
             .unwrap();
             assert_eq!(losses, batches.len(), "every batch stepped");
             assert!(t.feed.is_some(), "the feeder came home");
-            t.item_id
-                .to_tensor(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
+            weights(&t)
         };
         let (inline, ahead) = (train(false), train(true));
         assert_eq!(inline, ahead);
-        let fresh = Trainer::new(&cfg, &tcfg, vocab(&u_ids), vocab(&i_ids))
-            .unwrap()
-            .item_id
-            .to_tensor(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let fresh = weights(&Trainer::new(&cfg, &tcfg, vocab(&u_ids), vocab(&i_ids)).unwrap());
         assert_ne!(inline, fresh, "training moved the weights");
     }
 }
