@@ -15,6 +15,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp2, Layout, Result, Tensor};
 
 use crate::params::RowStep;
+use crate::rowmix::RowMix;
 
 const SOURCE: &str = r#"
 // NVRTC has no standard headers: its own index type and the float infinity by bit pattern.
@@ -30,6 +31,19 @@ extern "C" __global__ void row_mix(const float* x, const unsigned* start, const 
         float acc = 0.0f;
         for (unsigned k = a; k < b; ++k) acc += w[k] * x[(idx_t)col[k] * d + t];
         out[(idx_t)r * d + t] = acc;
+    }
+}
+
+// The transposed mix, without building it: forward row r's entries scatter `w · g[r]` into the
+// rows they read (`out` zeroed, rows_in × d).
+extern "C" __global__ void row_mix_t(const float* g, const unsigned* start, const unsigned* col,
+                                     const float* w, float* out, unsigned rows, unsigned d) {
+    unsigned r = blockIdx.x;
+    if (r >= rows) return;
+    unsigned a = start[r], b = start[r + 1];
+    for (unsigned t = threadIdx.x; t < d; t += blockDim.x) {
+        float gr = g[(idx_t)r * d + t];
+        for (unsigned k = a; k < b; ++k) atomicAdd(&out[(idx_t)col[k] * d + t], w[k] * gr);
     }
 }
 
@@ -129,6 +143,19 @@ extern "C" __global__ void adam_rows(float* w, float* mom, const unsigned* rows,
     float* wr = w + row * d;
     wr[t] = wr[t] * decay - lr_c * mj / (sqrtf(vj) * v_c + eps);
 }
+
+// AdamW on a dense variable of n values: `mom` holds the first moments, then the second.
+extern "C" __global__ void adam_dense(float* w, float* mom, const float* g, idx_t n, float b1,
+                                      float b2, float lr_c, float v_c, float eps, float decay) {
+    idx_t i = (idx_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i];
+    float mj = b1 * mom[i] + (1.0f - b1) * gi;
+    float vj = b2 * mom[n + i] + (1.0f - b2) * gi * gi;
+    mom[i] = mj;
+    mom[n + i] = vj;
+    w[i] = w[i] * decay - lr_c * mj / (sqrtf(vj) * v_c + eps);
+}
 "#;
 
 const MODULE: &str = "tandem_train";
@@ -162,35 +189,39 @@ fn launch_rows(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// `out[r] = Σ w · x[col]` over CSR rows `start`/`col`/`w`: `x` is `(rows_in × d)`.
+/// `out[r] = Σ w · x[col]` over the mix's CSR rows (`x` is `rows_in × d`), or with
+/// `transposed` its transpose (`x` is `rows_out × d`, `out` is `rows_in × d`).
 pub fn row_mix(
     storage: &CudaStorage,
     layout: &Layout,
     d: usize,
-    start: &[u32],
-    col: &[u32],
-    w: &[f32],
+    m: &RowMix,
+    transposed: bool,
 ) -> Result<CudaStorage> {
     let dev = storage.device().clone();
-    let rows_out = start.len() - 1;
+    let rows = m.start.len() - 1;
     let x = input(storage, layout)?;
-    let out = dev.alloc_zeros::<f32>(rows_out * d)?;
-    if rows_out > 0 && d > 0 && !col.is_empty() {
-        let func = dev.get_or_load_custom_func("row_mix", MODULE, ptx()?)?;
+    let out_rows = if transposed { m.rows_in } else { rows };
+    let out = dev.alloc_zeros::<f32>(out_rows * d)?;
+    if rows > 0 && d > 0 && !m.col.is_empty() {
+        let name = if transposed { "row_mix_t" } else { "row_mix" };
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
         let (start, col, w) = (
-            dev.clone_htod(start)?,
-            dev.clone_htod(col)?,
-            dev.clone_htod(w)?,
+            dev.clone_htod(&m.start)?,
+            dev.clone_htod(&m.col)?,
+            dev.clone_htod(&m.weight)?,
         );
-        let (rows_u, d_u) = (rows_out as u32, d as u32);
+        let (rows_u, d_u) = (rows as u32, d as u32);
         let mut b = func.builder();
         b.arg(&x).arg(&start).arg(&col).arg(&w).arg(&out);
         b.arg(&rows_u).arg(&d_u);
         let threads = (d as u32).next_multiple_of(32).min(256);
-        // SAFETY: the kernel reads `start[0..=rows_out]`, the `col`/`w` entries they delimit
-        // (all < rows_in, checked when the mix was built) and `x` rows below rows_in, and writes
-        // `out[0..rows_out·d]`; every buffer was allocated with those lengths above.
-        unsafe { b.launch(launch_rows(rows_out, threads)) }.w()?;
+        // SAFETY: the kernel reads `start[0..=rows]` and the `col`/`w` entries they delimit
+        // (every col below rows_in: the gathered leaf checks each id it is asked for), and
+        // reads `x` / writes `out` at rows below rows_in (forward: x; transposed: out) and
+        // below `rows` (forward: out; transposed: x), each `d` wide; the caller checked `x`'s
+        // rows against the mix and `out` was allocated with its rows above.
+        unsafe { b.launch(launch_rows(rows, threads)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
@@ -349,5 +380,284 @@ impl InplaceOp2 for AdamRows<'_> {
         // (rows·2·dim); `g` holds n·d values and `rows` n.
         unsafe { l.launch(cfg) }.w()?;
         Ok(())
+    }
+}
+
+/// AdamW for the dense layers on a GPU: one fused kernel per variable per step, where candle's
+/// optimiser launches a dozen element-wise kernels (and allocates as many temporaries) per
+/// variable. The same update as [`RowStep`]'s, bias corrections folded in.
+pub struct FusedAdamW {
+    vars: Vec<(candle_core::Var, CudaSlice<f32>)>,
+    opt: crate::params::AdamW,
+}
+
+impl FusedAdamW {
+    pub fn new(vars: Vec<candle_core::Var>, opt: crate::params::AdamW) -> Result<Self> {
+        let vars = vars
+            .into_iter()
+            .map(|v| {
+                let Device::Cuda(cuda) = v.device() else {
+                    candle_core::bail!("the fused AdamW needs CUDA variables");
+                };
+                if v.dtype() != candle_core::DType::F32 {
+                    candle_core::bail!("the fused AdamW updates f32 variables");
+                }
+                let moments = cuda.alloc_zeros::<f32>(2 * v.elem_count())?;
+                Ok((v, moments))
+            })
+            .collect::<Result<_>>()?;
+        Ok(FusedAdamW { vars, opt })
+    }
+
+    /// One step (`step` counts from 1) on every variable `grads` holds a gradient for.
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore, step: u64) -> Result<()> {
+        let s = RowStep::new(&self.opt, step);
+        for (var, moments) in &mut self.vars {
+            let Some(g) = grads.get(var) else { continue };
+            let g = g.contiguous()?;
+            let op = AdamDense {
+                moments: Mutex::new(moments),
+                step: &s,
+            };
+            var.as_tensor().inplace_op2(&g, &op)?;
+        }
+        Ok(())
+    }
+}
+
+/// The in-place update of one dense variable (and, through the op, its moments).
+struct AdamDense<'a> {
+    moments: Mutex<&'a mut CudaSlice<f32>>,
+    step: &'a RowStep,
+}
+
+impl InplaceOp2 for AdamDense<'_> {
+    fn name(&self) -> &'static str {
+        "adam-dense"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("adam-dense runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        w: &mut CudaStorage,
+        w_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+    ) -> Result<()> {
+        let n = w_layout.shape().elem_count();
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        if g_layout.shape().elem_count() != n
+            || w_layout.start_offset() != 0
+            || !w_layout.is_contiguous()
+            || moments.len() != 2 * n
+        {
+            candle_core::bail!(
+                "adam-dense: gradient of {:?} for a variable of {:?}",
+                g_layout.shape(),
+                w_layout.shape()
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = w.device().clone();
+        let g = input(g, g_layout)?;
+        let func = dev.get_or_load_custom_func("adam_dense", MODULE, ptx()?)?;
+        let weights = w.as_cuda_slice_mut::<f32>()?;
+        let s = self.step;
+        let n_u = n as u64;
+        let mut l = func.builder();
+        l.arg(weights).arg(&mut **moments).arg(&g).arg(&n_u);
+        l.arg(&s.b1)
+            .arg(&s.b2)
+            .arg(&s.lr_c)
+            .arg(&s.v_c)
+            .arg(&s.eps)
+            .arg(&s.decay);
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        // SAFETY: thread i < n reads `g[i]` (n values), reads and writes `weights[i]` (a
+        // contiguous variable of n values from offset 0, checked above) and `moments[i]`,
+        // `moments[n + i]` (2·n values, checked above).
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// The kernels against the CPU ops they stand in for. Built only with the `cuda` feature (CI
+/// never builds it) and run where a GPU is: `cargo test --release -p tandem-model --features
+/// cuda --no-run` here, the test binary carried to the GPU machine. No GPU is a failure.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::sampled_softmax_loss;
+    use crate::params::{normal_vec, AdamW, RowPlanner, SparseTable};
+    use crate::rowmix::{mix, RowMix};
+    use candle_core::Var;
+    use candle_nn::Optimizer;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("these tests need a CUDA device")
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} on the GPU, {y} on the CPU"
+            );
+        }
+    }
+
+    #[test]
+    fn row_mix_and_its_scatter_backward_match_the_cpu() {
+        let (cpu, gpu) = (Device::Cpu, gpu());
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (rows_in, rows_out, d) = (300, 1000, 24);
+        // Many entries per input row, so the atomic adds collide.
+        let m = RowMix::build(rows_in, rows_out, |r, out| {
+            let mut g = ChaCha8Rng::seed_from_u64(r as u64);
+            for _ in 0..r % 7 {
+                out.push((g.random_range(0..rows_in as u32), g.random::<f32>() - 0.5));
+            }
+        });
+        let x = normal_vec(&mut rng, rows_in * d, 1.0);
+        let up = normal_vec(&mut rng, rows_out * d, 1.0);
+        let run = |dev: &Device| {
+            let x = Var::from_vec(x.clone(), (rows_in, d), dev).unwrap();
+            let up = Tensor::from_vec(up.clone(), (rows_out, d), dev).unwrap();
+            let y = mix(x.as_tensor(), m.clone()).unwrap();
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(&x).unwrap().clone())
+        };
+        let (y_c, g_c) = run(&cpu);
+        let (y_g, g_g) = run(&gpu);
+        close(&y_g, &y_c, 1e-5, "forward");
+        close(&g_g, &g_c, 1e-4, "backward");
+    }
+
+    #[test]
+    fn the_softmax_loss_kernels_match_the_cpu() {
+        let (cpu, gpu) = (Device::Cpu, gpu());
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let (b, extra, d) = (64, 64, 16);
+        let c = b + extra;
+        let targets: Vec<u32> = (0..b).map(|_| rng.random_range(1..40)).collect();
+        let mut cand_ids = targets.clone();
+        cand_ids.extend((0..extra).map(|_| rng.random_range(1..200u32)));
+        let log_q: Vec<f32> = (0..c).map(|_| -rng.random::<f32>() * 5.0).collect();
+        let seen: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let mut s: Vec<u32> = (0..10).map(|_| rng.random_range(1..200)).collect();
+                s.retain(|&i| i != targets[r]);
+                s.sort_unstable();
+                s.dedup();
+                s
+            })
+            .collect();
+        let weights: Vec<f32> = (0..b).map(|_| 0.5 + rng.random::<f32>()).collect();
+        let u = normal_vec(&mut rng, b * d, 1.0);
+        let v = normal_vec(&mut rng, c * d, 1.0);
+        let run = |dev: &Device| {
+            let u = Var::from_vec(u.clone(), (b, d), dev).unwrap();
+            let v = Var::from_vec(v.clone(), (c, d), dev).unwrap();
+            let inv_tau = Tensor::new(5f32, dev).unwrap();
+            let loss = sampled_softmax_loss(
+                u.as_tensor(),
+                v.as_tensor(),
+                &inv_tau,
+                &log_q,
+                &targets,
+                &cand_ids,
+                Some(&weights),
+                Some(&seen),
+            )
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            (
+                loss,
+                grads.get(&u).unwrap().clone(),
+                grads.get(&v).unwrap().clone(),
+            )
+        };
+        let (l_c, gu_c, gv_c) = run(&cpu);
+        let (l_g, gu_g, gv_g) = run(&gpu);
+        close(&l_g, &l_c, 1e-4, "loss");
+        close(&gu_g, &gu_c, 1e-4, "user gradient");
+        close(&gv_g, &gv_c, 1e-4, "candidate gradient");
+    }
+
+    #[test]
+    fn the_sparse_and_dense_adamw_kernels_match_the_cpu() {
+        let (cpu, gpu) = (Device::Cpu, gpu());
+        let opt = AdamW {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        // Sparse: the same table on both devices, three steps over different row sets.
+        let (rows, dim) = (500, 8);
+        let mut on_cpu = SparseTable::new(rows, dim, 0.1, &mut ChaCha8Rng::seed_from_u64(3));
+        let mut on_gpu = SparseTable::new(rows, dim, 0.1, &mut ChaCha8Rng::seed_from_u64(3));
+        on_gpu.place(&gpu).unwrap();
+        let mut planner = RowPlanner::new(rows);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for step in 1..=3 {
+            let mut ids: Vec<u32> = (0..60).map(|_| rng.random_range(0..rows as u32)).collect();
+            let picked = planner.plan(&mut [&mut ids]).unwrap();
+            let grad = normal_vec(&mut rng, picked.len() * dim, 1.0);
+            for (t, dev) in [(&mut on_cpu, &cpu), (&mut on_gpu, &gpu)] {
+                let g = t.gather(picked.clone(), dev).unwrap();
+                let grad = Tensor::from_vec(grad.clone(), (picked.len(), dim), dev).unwrap();
+                t.apply(&g, &grad, &opt, step).unwrap();
+            }
+        }
+        close(
+            &on_gpu.to_tensor(&cpu).unwrap(),
+            &on_cpu.to_tensor(&cpu).unwrap(),
+            1e-5,
+            "sparse table",
+        );
+        // Dense: the fused kernel against candle's AdamW.
+        let w0 = normal_vec(&mut rng, 37 * 5, 1.0);
+        let w_cpu = Var::from_vec(w0.clone(), (37, 5), &cpu).unwrap();
+        let w_gpu = Var::from_vec(w0, (37, 5), &gpu).unwrap();
+        let mut candle_opt = candle_nn::AdamW::new(
+            vec![w_cpu.clone()],
+            candle_nn::ParamsAdamW {
+                lr: opt.lr,
+                beta1: opt.beta1,
+                beta2: opt.beta2,
+                eps: opt.eps,
+                weight_decay: opt.weight_decay,
+            },
+        )
+        .unwrap();
+        let mut fused = FusedAdamW::new(vec![w_gpu.clone()], opt).unwrap();
+        for step in 1..=3 {
+            let target =
+                Tensor::from_vec(normal_vec(&mut rng, 37 * 5, 1.0), (37, 5), &cpu).unwrap();
+            let loss = |w: &Var| {
+                let t = target.to_device(w.device()).unwrap();
+                (w.as_tensor() - t)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            candle_opt.step(&loss(&w_cpu).backward().unwrap()).unwrap();
+            fused.step(&loss(&w_gpu).backward().unwrap(), step).unwrap();
+        }
+        close(w_gpu.as_tensor(), w_cpu.as_tensor(), 1e-5, "dense variable");
     }
 }

@@ -311,7 +311,38 @@ pub fn sampled_softmax_loss(
     weights: Option<&[f32]>,
     seen: Option<&[Vec<u32>]>,
 ) -> Result<Tensor> {
-    let b = targets.len();
+    let bias = sampled_bias(log_q, targets, cand_ids, seen);
+    sampled_softmax_loss_biased(users, cands, inv_tau, bias, weights)
+}
+
+/// [`sampled_softmax_loss`] with its biases and masks built ahead ([`sampled_bias`]): they
+/// depend only on ids, so training builds them with the batch, off the step's path.
+pub(crate) fn sampled_softmax_loss_biased(
+    users: &Tensor,
+    cands: &Tensor,
+    inv_tau: &Tensor,
+    bias: Bias,
+    weights: Option<&[f32]>,
+) -> Result<Tensor> {
+    let b = bias.start.len().saturating_sub(1);
+    scaled_xent(
+        users,
+        cands,
+        inv_tau,
+        bias,
+        (0..b as u32).collect(),
+        weights,
+    )
+}
+
+/// The column biases (`−logQ`) and per-row masks of [`sampled_softmax_loss`]: in row `r`, every
+/// column holding its target (other than column `r`, its own positive) or an item it saw.
+pub(crate) fn sampled_bias(
+    log_q: &[f32],
+    targets: &[u32],
+    cand_ids: &[u32],
+    seen: Option<&[Vec<u32>]>,
+) -> Bias {
     // Columns of each candidate item (an item can be both a positive and a uniform sample).
     let mut order: Vec<(u32, u32)> = cand_ids.iter().zip(0..).map(|(&i, j)| (i, j)).collect();
     order.sort_unstable();
@@ -335,21 +366,13 @@ pub fn sampled_softmax_loss(
             .take_while(move |&&(i, _)| i == item)
             .map(|&(_, j)| j)
     };
-    let bias = Bias::new(b, log_q.iter().map(|q| -q).collect(), |r| {
+    Bias::new(targets.len(), log_q.iter().map(|q| -q).collect(), |r| {
         let row_seen: &[u32] = seen.map_or(&[], |s| &s[r]);
         std::iter::once(targets[r])
             .chain(row_seen.iter().copied())
             .flat_map(&columns)
             .filter(move |&j| j as usize != r)
-    });
-    scaled_xent(
-        users,
-        cands,
-        inv_tau,
-        bias,
-        (0..b as u32).collect(),
-        weights,
-    )
+    })
 }
 
 /// The exact softmax over the whole catalogue: `items` is `(N, d)` with row `i` the embedding of

@@ -43,23 +43,77 @@ pub struct SparseTable {
     pub data: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
-    /// Gather scratch: one bit per row (cleared again by the gather that set it).
-    marks: Vec<u64>,
-    /// Gather scratch: each gathered row's position among the step's rows; lent to the
-    /// [`Gathered`] and given back by [`SparseTable::reclaim`].
-    slot: Vec<u32>,
     /// GPU training: the table and its moments live on the device, gathered and updated there.
     #[cfg(feature = "cuda")]
     gpu: Option<crate::cuda::DeviceTable>,
 }
 
-/// The rows of a table that one step uses, as a differentiable leaf.
+/// The rows of a table that one step uses, as a differentiable leaf. Lookups into it take
+/// leaf rows: the ids a [`RowPlanner`] renumbered.
 pub struct Gathered {
     pub leaf: Var,
     /// Table row of each leaf row, increasing.
     pub rows: Vec<u32>,
-    /// `slot[id]`: the leaf row of table row `id` (meaningful only for the rows in `rows`).
+}
+
+/// Finds the distinct table rows a step reads and renumbers the step's ids to leaf rows, off
+/// the step's path (on a GPU, on the thread that prepares batches ahead).
+///
+/// Rows are found with a bit per table row (set for each id, then scanned in order and
+/// cleared) and located with a dense position array, so a step costs `O(ids + rows / 64)`
+/// with no sorting or hashing of the ids: at 400k history ids over a million-row table,
+/// sorting and a hash map were most of a GPU step's host time. Row 0 (padding, the
+/// out-of-vocabulary row) is always among the rows, and as the smallest it stays 0, so
+/// "0 = padding" holds for renumbered ids too.
+pub struct RowPlanner {
+    rows: usize,
+    marks: Vec<u64>,
     slot: Vec<u32>,
+}
+
+impl RowPlanner {
+    /// A planner for a table of `rows` rows (its scratch is allocated on first use).
+    pub fn new(rows: usize) -> RowPlanner {
+        RowPlanner {
+            rows,
+            marks: Vec::new(),
+            slot: Vec::new(),
+        }
+    }
+
+    /// The distinct rows among `lists` and row 0, increasing; every id in `lists` is rewritten
+    /// to its position among them. An id outside the table is an error and rewrites nothing.
+    pub fn plan(&mut self, lists: &mut [&mut [u32]]) -> Result<Vec<u32>> {
+        let words = self.rows.max(1).div_ceil(64);
+        if self.marks.len() != words {
+            self.marks = vec![0; words];
+        }
+        self.marks[0] |= 1;
+        for &id in lists.iter().flat_map(|l| l.iter()) {
+            if id as usize >= self.rows {
+                // Leave the scratch clean for the next plan.
+                self.marks.iter_mut().for_each(|w| *w = 0);
+                candle_core::bail!("row {id} of a table of {} rows", self.rows);
+            }
+            self.marks[id as usize >> 6] |= 1 << (id & 63);
+        }
+        let mut rows = Vec::new();
+        for (w, word) in self.marks.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                rows.push((w * 64) as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        self.slot.resize(self.rows.max(1), 0);
+        for (k, &r) in rows.iter().enumerate() {
+            self.slot[r as usize] = k as u32;
+        }
+        for id in lists.iter_mut().flat_map(|l| l.iter_mut()) {
+            *id = self.slot[*id as usize];
+        }
+        Ok(rows)
+    }
 }
 
 impl SparseTable {
@@ -70,8 +124,6 @@ impl SparseTable {
             data: normal_vec(rng, rows * dim, std),
             m: vec![0.0; rows * dim],
             v: vec![0.0; rows * dim],
-            marks: Vec::new(),
-            slot: Vec::new(),
             #[cfg(feature = "cuda")]
             gpu: None,
         }
@@ -101,46 +153,16 @@ impl SparseTable {
         Tensor::from_vec(self.data.clone(), (self.rows, self.dim), dev)
     }
 
-    /// Gathers the distinct rows among `ids` (in increasing order) into a leaf variable.
-    ///
-    /// Rows are found with a bit per table row (set for each id, then scanned in order and
-    /// cleared) and located with a dense position array, so a step costs `O(ids + rows / 64)`
-    /// with no sorting or hashing of the ids: at 400k history ids over a million-row table,
-    /// sorting and a hash map were most of a GPU step's host time.
-    pub fn gather<'a>(
-        &mut self,
-        ids: impl IntoIterator<Item = &'a u32>,
-        dev: &Device,
-    ) -> Result<Gathered> {
-        let words = self.rows.div_ceil(64);
-        if self.marks.len() != words {
-            self.marks = vec![0; words];
-        }
-        for &id in ids {
-            if id as usize >= self.rows {
-                // Leave the scratch clean for the next gather.
-                self.marks.iter_mut().for_each(|w| *w = 0);
-                candle_core::bail!("row {id} of a table of {} rows", self.rows);
-            }
-            self.marks[id as usize >> 6] |= 1 << (id & 63);
-        }
-        let mut rows = Vec::new();
-        for (w, word) in self.marks.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
-            while bits != 0 {
-                rows.push((w * 64) as u32 + bits.trailing_zeros());
-                bits &= bits - 1;
-            }
-        }
-        let mut slot = std::mem::take(&mut self.slot);
-        slot.resize(self.rows, 0);
-        for (k, &r) in rows.iter().enumerate() {
-            slot[r as usize] = k as u32;
+    /// Gathers `rows` (distinct, increasing, as a [`RowPlanner`] lists them) into a leaf
+    /// variable whose row `k` is table row `rows[k]`.
+    pub fn gather(&self, rows: Vec<u32>, dev: &Device) -> Result<Gathered> {
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= self.rows) {
+            candle_core::bail!("row {r} of a table of {} rows", self.rows);
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             let leaf = Var::from_tensor(&gpu.gather(&rows)?)?;
-            return Ok(Gathered { leaf, rows, slot });
+            return Ok(Gathered { leaf, rows });
         }
         let mut buf = Vec::with_capacity(rows.len() * self.dim);
         for &r in &rows {
@@ -148,15 +170,7 @@ impl SparseTable {
             buf.extend_from_slice(&self.data[r * self.dim..(r + 1) * self.dim]);
         }
         let leaf = Var::from_tensor(&Tensor::from_vec(buf, (rows.len(), self.dim), dev)?)?;
-        Ok(Gathered { leaf, rows, slot })
-    }
-
-    /// Takes back the position array a [`Gathered`] borrowed, so the next gather need not
-    /// allocate one (`rows` entries) again.
-    pub fn reclaim(&mut self, g: Gathered) {
-        if g.slot.len() == self.rows {
-            self.slot = g.slot;
-        }
+        Ok(Gathered { leaf, rows })
     }
 
     /// One lazy AdamW step on the gathered rows, given the gradient of the leaf, in place and
@@ -223,7 +237,7 @@ pub(crate) struct RowStep {
 }
 
 impl RowStep {
-    fn new(opt: &AdamW, step: u64) -> RowStep {
+    pub(crate) fn new(opt: &AdamW, step: u64) -> RowStep {
         let bc1 = 1.0 - opt.beta1.powi(step as i32);
         let bc2 = 1.0 - opt.beta2.powi(step as i32);
         RowStep {
@@ -246,16 +260,18 @@ impl RowStep {
 }
 
 impl Gathered {
-    /// The leaf row of table row `id`, which must have been gathered.
+    /// Checks a renumbered id against the leaf's rows.
     #[inline]
     fn local(&self, id: u32) -> u32 {
-        match self.slot.get(id as usize) {
-            Some(&k) if self.rows.get(k as usize) == Some(&id) => k,
-            _ => panic!("table row {id} was not gathered for this step"),
-        }
+        assert!(
+            (id as usize) < self.rows.len(),
+            "leaf row {id} of {} gathered for this step",
+            self.rows.len()
+        );
+        id
     }
 
-    /// Embeddings of `ids` (each must have been gathered), shape `(ids.len(), dim)`.
+    /// Embeddings of leaf rows `ids`, shape `(ids.len(), dim)`.
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         let mut m = RowMix::new(self.rows.len());
         for &id in ids {
@@ -281,8 +297,9 @@ impl Gathered {
     }
 }
 
-/// Where a tower reads an embedding table from: the full table (inference) or the rows gathered
-/// for one training step.
+/// Where a tower reads an embedding table from: the full table (inference, ids are table rows)
+/// or the rows gathered for one training step (ids are leaf rows, renumbered by a
+/// [`RowPlanner`]).
 pub enum Table<'a> {
     Full(&'a Tensor),
     Gathered(&'a Gathered),
@@ -330,10 +347,10 @@ mod tests {
     use rand::SeedableRng;
 
     #[test]
-    fn gathers_find_rows_across_mark_words_and_reuse_their_scratch() {
+    fn plans_find_rows_across_mark_words_renumber_ids_and_reuse_their_scratch() {
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let mut t = SparseTable::new(200, 3, 1.0, &mut rng);
+        let t = SparseTable::new(200, 3, 1.0, &mut rng);
         let full = t.to_tensor(&dev).unwrap();
         let want = |ids: &[u32]| {
             Table::Full(&full)
@@ -342,28 +359,38 @@ mod tests {
                 .to_vec2::<f32>()
                 .unwrap()
         };
-        // Ids on both sides of 64-bit word boundaries, repeated and unordered.
-        let a = [128u32, 63, 0, 64, 199, 127, 63, 1];
-        let g = t.gather(&a, &dev).unwrap();
-        assert_eq!(g.rows, vec![0, 1, 63, 64, 127, 128, 199]);
-        assert_eq!(g.lookup(&a).unwrap().to_vec2::<f32>().unwrap(), want(&a));
-        t.reclaim(g);
-        // A different set through the reclaimed scratch: stale positions of rows gathered
-        // before are never mistaken for this step's.
-        let b = [5u32, 65, 199];
-        let g = t.gather(&b, &dev).unwrap();
-        assert_eq!(g.rows, vec![5, 65, 199]);
-        assert_eq!(g.lookup(&b).unwrap().to_vec2::<f32>().unwrap(), want(&b));
-        let stale = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.lookup(&[128])));
-        assert!(
-            stale.is_err(),
-            "row 128 was gathered last step, not this one"
+        let mut planner = RowPlanner::new(200);
+        // Ids on both sides of 64-bit word boundaries, repeated and unordered, in two lists.
+        let a = [128u32, 63, 0, 64, 199];
+        let b = [127u32, 63, 1];
+        let (mut la, mut lb) = (a, b);
+        let rows = planner.plan(&mut [&mut la, &mut lb]).unwrap();
+        assert_eq!(rows, vec![0, 1, 63, 64, 127, 128, 199]);
+        assert_eq!(la, [5, 2, 0, 3, 6]);
+        assert_eq!(lb, [4, 2, 1]);
+        let g = t.gather(rows, &dev).unwrap();
+        assert_eq!(g.lookup(&la).unwrap().to_vec2::<f32>().unwrap(), want(&a));
+        assert_eq!(g.lookup(&lb).unwrap().to_vec2::<f32>().unwrap(), want(&b));
+        // A different set through the same scratch: row 0 is always planned (and stays 0),
+        // nothing of the last plan lingers.
+        let mut c = [65u32, 5, 199];
+        let rows = planner.plan(&mut [&mut c]).unwrap();
+        assert_eq!(rows, vec![0, 5, 65, 199]);
+        assert_eq!(c, [2, 1, 3]);
+        let g = t.gather(rows, &dev).unwrap();
+        assert_eq!(
+            g.lookup(&c).unwrap().to_vec2::<f32>().unwrap(),
+            want(&[65, 5, 199])
         );
-        t.reclaim(g);
-        // A row outside the table is an error, and leaves the marks clean.
-        assert!(t.gather(&[3u32, 200], &dev).is_err());
-        let g = t.gather(&[7u32], &dev).unwrap();
-        assert_eq!(g.rows, vec![7]);
+        let outside = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.lookup(&[4])));
+        assert!(outside.is_err(), "only 4 rows were gathered");
+        // A row outside the table is an error, rewrites nothing and leaves the marks clean.
+        let mut d = [3u32, 200];
+        assert!(planner.plan(&mut [&mut d]).is_err());
+        assert_eq!(d, [3, 200]);
+        let mut e = [7u32];
+        assert_eq!(planner.plan(&mut [&mut e]).unwrap(), vec![0, 7]);
+        assert!(t.gather(vec![0, 200], &dev).is_err());
     }
 
     #[test]
@@ -372,9 +399,13 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut t = SparseTable::new(10, 4, 1.0, &mut rng);
         let full = t.to_tensor(&dev).unwrap();
+        let mut planner = RowPlanner::new(10);
         let ids = [7u32, 2, 7, 9];
-        let g = t.gather(&ids, &dev).unwrap();
-        let a = g.lookup(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let mut local = ids;
+        let g = t
+            .gather(planner.plan(&mut [&mut local]).unwrap(), &dev)
+            .unwrap();
+        let a = g.lookup(&local).unwrap().to_vec2::<f32>().unwrap();
         let b = Table::Full(&full)
             .lookup(&ids)
             .unwrap()
@@ -383,8 +414,10 @@ mod tests {
         assert_eq!(a, b);
         // Mean pooling agrees between the two forms (padding skipped, empty rows zero).
         let pool_ids = [7u32, 2, 0, 0, 0, 0, 9, 9, 2];
-        let pg = Table::Gathered(&t.gather(&pool_ids, &dev).unwrap())
-            .mean_pool(&pool_ids, 3, 3)
+        let mut pool_local = pool_ids;
+        let pool_rows = planner.plan(&mut [&mut pool_local]).unwrap();
+        let pg = Table::Gathered(&t.gather(pool_rows, &dev).unwrap())
+            .mean_pool(&pool_local, 3, 3)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -398,7 +431,7 @@ mod tests {
         }
         assert!(pg[1].iter().all(|&v| v == 0.0));
         let before = t.data.clone();
-        let loss = g.lookup(&ids).unwrap().sum_all().unwrap();
+        let loss = g.lookup(&local).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let opt = AdamW {
             lr: 0.1,

@@ -5,9 +5,11 @@
 //! weight `1/n` per valid item) are both this op on the rows a training step gathered. Written
 //! as a dense `(rows_out × rows_in)` matrix product, as before, a batch of 1024 users with 50
 //! history items each over 40k distinct rows costs a 160 MB matrix and two 3-GFLOP products per
-//! step; here the forward and the backward are gathers of `O(entries · d)` work. The backward
-//! is the transposed mix (built once per op with a counting sort), so it too is a gather: rows
-//! are written by one thread each and both directions split across the rayon pool.
+//! step; here the forward and the backward are `O(entries · d)` work. The backward is the
+//! transposed mix: on a CPU built with a counting sort when the backward runs, so it too is a
+//! gather (rows written by one thread each, both directions split across the rayon pool); on a
+//! GPU applied without building it, each forward entry scattering its row with atomic adds (no
+//! host work and no second upload).
 
 use std::sync::Arc;
 
@@ -20,11 +22,11 @@ const PARALLEL_MIN: usize = 1 << 15;
 /// A sparse `(rows_out × rows_in)` matrix in compressed-row form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowMix {
-    rows_in: usize,
+    pub(crate) rows_in: usize,
     /// Entries of output row `r`: `start[r]..start[r + 1]`.
-    start: Vec<u32>,
-    col: Vec<u32>,
-    weight: Vec<f32>,
+    pub(crate) start: Vec<u32>,
+    pub(crate) col: Vec<u32>,
+    pub(crate) weight: Vec<f32>,
 }
 
 impl RowMix {
@@ -147,21 +149,31 @@ impl RowMix {
     }
 }
 
-/// The candle op: a mix and its transpose (the backward), shared between the two directions.
+/// The candle op: a mix, or its transpose (the other's backward). Both directions share the
+/// mix; the transpose is applied without building it on a GPU (each forward entry scatters
+/// its row with atomic adds) and built when the backward runs on a CPU.
 struct MixOp {
-    forward: Arc<RowMix>,
-    backward: Arc<RowMix>,
+    m: Arc<RowMix>,
+    transposed: bool,
 }
 
 impl MixOp {
+    /// Rows (in, out) of this direction.
+    fn rows(&self) -> (usize, usize) {
+        let (i, o) = (self.m.rows_in, self.m.rows_out());
+        if self.transposed {
+            (o, i)
+        } else {
+            (i, o)
+        }
+    }
+
     /// The row width `d` of an input `(rows_in × d)`, refusing any other row count.
     fn width(&self, layout: &Layout) -> Result<usize> {
         let (rows, d) = layout.shape().dims2()?;
-        if rows != self.forward.rows_in {
-            candle_core::bail!(
-                "row-mix over {} rows applied to {rows} rows",
-                self.forward.rows_in
-            );
+        let (rows_in, _) = self.rows();
+        if rows != rows_in {
+            candle_core::bail!("row-mix over {rows_in} rows applied to {rows} rows");
         }
         Ok(d)
     }
@@ -184,12 +196,14 @@ impl CustomOp1 for MixOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.width(layout)?;
         let x = cpu_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; self.forward.rows_out() * d];
-        self.forward.mix_into(x, d, &mut out);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((self.forward.rows_out(), d)),
-        ))
+        let (_, rows_out) = self.rows();
+        let mut out = vec![0f32; rows_out * d];
+        if self.transposed {
+            self.m.transpose().mix_into(x, d, &mut out);
+        } else {
+            self.m.mix_into(x, d, &mut out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows_out, d))))
     }
 
     #[cfg(feature = "cuda")]
@@ -199,15 +213,15 @@ impl CustomOp1 for MixOp {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.width(layout)?;
-        let m = &self.forward;
-        let out = crate::cuda::row_mix(storage, layout, d, &m.start, &m.col, &m.weight)?;
-        Ok((out, Shape::from((m.rows_out(), d))))
+        let (_, rows_out) = self.rows();
+        let out = crate::cuda::row_mix(storage, layout, d, &self.m, self.transposed)?;
+        Ok((out, Shape::from((rows_out, d))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let op = MixOp {
-            forward: self.backward.clone(),
-            backward: self.forward.clone(),
+            m: self.m.clone(),
+            transposed: !self.transposed,
         };
         Ok(Some(grad_res.contiguous()?.apply_op1(op)?))
     }
@@ -215,10 +229,9 @@ impl CustomOp1 for MixOp {
 
 /// `mix · x` for a 2-D f32 tensor `x`, differentiable with respect to `x`.
 pub fn mix(x: &Tensor, m: RowMix) -> Result<Tensor> {
-    let backward = Arc::new(m.transpose());
     x.contiguous()?.apply_op1(MixOp {
-        forward: Arc::new(m),
-        backward,
+        m: Arc::new(m),
+        transposed: false,
     })
 }
 

@@ -28,9 +28,9 @@ use crate::config::{LogQ, ModelConfig, Negatives, Targets, TrainConfig, UserEnco
 use crate::encode::{EntityVocab, FeatureSchema};
 use crate::eval::{metrics, EvalSet, ModelRanker, Recommender};
 use crate::logq::{estimator, ExactCounts, FrequencyEstimator};
-use crate::loss::{full_softmax_loss, sampled_softmax_loss};
+use crate::loss::{full_softmax_loss, sampled_bias, sampled_softmax_loss_biased, Bias};
 use crate::model::{host_copy, push_distinct, ItemModel, Tensors, TwoTower, UserModel};
-use crate::params::{AdamW, SparseTable, Table};
+use crate::params::{AdamW, RowPlanner, SparseTable, Table};
 use crate::sequence::gap_bucket;
 use crate::towers::{
     context, l2_normalize, ItemInput, ItemTables, ItemTower, Linear, Mlp, UserInput, UserTables,
@@ -95,13 +95,11 @@ pub(crate) struct Trainer {
     user_tower: UserTower,
     item_tower: ItemTower,
     log_tau: Var,
-    dense_opt: candle_nn::AdamW,
+    dense_opt: DenseAdamW,
     sparse_opt: AdamW,
     step: u64,
     /// The negatives in use (`auto` resolved by catalogue size).
     negatives: Negatives,
-    /// Every item's tower input (`full` negatives score the whole catalogue each step).
-    all_items: Option<ItemInput>,
     /// Dropout masks on the CPU.
     rng: ChaCha8Rng,
     /// Prepare batches ahead on a thread of their own (on a GPU; tests force it on a CPU).
@@ -123,15 +121,28 @@ struct Feeder {
     /// Transformer user tower: batches are windows.
     windows: bool,
     rng: ChaCha8Rng,
+    /// Every item's tower input (`full` negatives score the whole catalogue each step).
+    all_items: Option<ItemInput>,
+    /// Each table's row planner: the step's rows found and its ids renumbered here, so the step
+    /// only gathers.
+    planners: [RowPlanner; 4],
 }
 
-/// A batch ready for a step: its inputs, and (sampled negatives) the candidates with their
-/// inputs and logQ corrections.
+/// The rows a step gathers from each table (distinct, increasing; row 0 always among them).
+struct StepRows {
+    user_id: Vec<u32>,
+    user_feat: Vec<u32>,
+    item_id: Vec<u32>,
+    item_feat: Vec<u32>,
+}
+
+/// A batch ready for a step: its inputs and the candidates' inputs, their ids renumbered to
+/// the leaf rows of `rows`, and (sampled negatives) the loss's column biases and masks.
 struct Ready {
     batch: Batch,
-    cand_ids: Vec<u32>,
     ix: ItemInput,
-    log_q: Vec<f32>,
+    rows: StepRows,
+    bias: Option<Bias>,
     /// Time spent preparing it.
     encode_ms: f64,
 }
@@ -151,10 +162,10 @@ enum UserSide {
 
 impl UserSide {
     /// Every id the user tower reads from each table: (users, feature slots, items).
-    fn ids(&self) -> (&[u32], &[u32], Vec<&[u32]>) {
+    fn ids_mut(&mut self) -> (&mut [u32], &mut [u32], [&mut [u32]; 2]) {
         match self {
-            UserSide::Rows(x) => (&x.users, &x.slots, vec![&x.history, &x.long]),
-            UserSide::Windows { x, .. } => (&x.users, &x.slots, vec![&x.seq, &x.long]),
+            UserSide::Rows(x) => (&mut x.users, &mut x.slots, [&mut x.history, &mut x.long]),
+            UserSide::Windows { x, .. } => (&mut x.users, &mut x.slots, [&mut x.seq, &mut x.long]),
         }
     }
 }
@@ -196,7 +207,8 @@ struct Batch {
     targets: Vec<u32>,
     weights: Vec<f32>,
     /// Per row, the sorted distinct items the user engaged with before the example (empty
-    /// unless `mask_seen`).
+    /// unless `mask_seen`; sampled negatives fold them into the loss's masks as the batch is
+    /// prepared).
     seen: Vec<Vec<u32>>,
 }
 
@@ -513,13 +525,19 @@ pub struct StepPhases {
     /// Waiting for the batch: encoding it inline on a CPU; on a GPU, where batches are encoded
     /// ahead on another thread, only the wait for one not yet ready.
     pub prepare_ms: f64,
-    /// Encoding the batch (histories, targets, candidates, logQ, masks), wherever it ran: on a
-    /// GPU this overlaps the steps.
+    /// Preparing the batch (histories, targets, candidates, logQ, the loss's masks, the tables'
+    /// row plans), wherever it ran: on a GPU this overlaps the steps.
     pub encode_ms: f64,
-    /// Finding the touched table rows and gathering them into leaves.
+    /// Gathering the planned table rows into leaves.
     pub gather_ms: f64,
-    /// Towers and loss.
+    /// Towers and loss: the sum of the next three.
     pub forward_ms: f64,
+    /// The user tower (inputs, pooling, dropout, MLP).
+    pub user_ms: f64,
+    /// The item tower.
+    pub item_ms: f64,
+    /// Logits, the loss's mask lists and the softmax loss.
+    pub loss_ms: f64,
     pub backward_ms: f64,
     /// Dense AdamW and the sparse row updates.
     pub update_ms: f64,
@@ -535,10 +553,51 @@ impl StepPhases {
             encode_ms: self.encode_ms / n,
             gather_ms: self.gather_ms / n,
             forward_ms: self.forward_ms / n,
+            user_ms: self.user_ms / n,
+            item_ms: self.item_ms / n,
+            loss_ms: self.loss_ms / n,
             backward_ms: self.backward_ms / n,
             update_ms: self.update_ms / n,
             steps: self.steps,
         }
+    }
+}
+
+/// The dense layers' AdamW: candle's on a CPU; on a GPU one fused kernel per variable.
+enum DenseAdamW {
+    Candle(candle_nn::AdamW),
+    #[cfg(feature = "cuda")]
+    Fused(crate::cuda::FusedAdamW),
+}
+
+impl DenseAdamW {
+    fn new(vars: Vec<Var>, opt: AdamW, dev: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            return Ok(DenseAdamW::Fused(crate::cuda::FusedAdamW::new(vars, opt)?));
+        }
+        let _ = dev;
+        Ok(DenseAdamW::Candle(candle_nn::AdamW::new(
+            vars,
+            candle_nn::ParamsAdamW {
+                lr: opt.lr,
+                beta1: opt.beta1,
+                beta2: opt.beta2,
+                eps: opt.eps,
+                weight_decay: opt.weight_decay,
+            },
+        )?))
+    }
+
+    /// Step `step` (from 1) on the gradients in `grads`.
+    fn step(&mut self, grads: &candle_core::backprop::GradStore, step: u64) -> Result<()> {
+        match self {
+            DenseAdamW::Candle(opt) => opt.step(grads)?,
+            #[cfg(feature = "cuda")]
+            DenseAdamW::Fused(opt) => opt.step(grads, step)?,
+        }
+        let _ = step;
+        Ok(())
     }
 }
 
@@ -630,27 +689,50 @@ impl Losses {
 }
 
 impl Feeder {
-    /// Prepares `batch` for a step.
-    fn prepare(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Ready {
+    /// Prepares `batch` for a step: encodes it, draws the candidates, builds the loss's masks
+    /// and plans the table rows.
+    fn prepare(&mut self, batch: &[Example], seqs: &Sequences, user_vid: &[u32]) -> Result<Ready> {
         let started = Instant::now();
-        let batch = if self.windows {
+        let mut batch = if self.windows {
             self.encode_windows(batch, seqs, user_vid)
         } else {
             self.encode(batch, seqs, user_vid)
         };
-        let (cand_ids, ix, log_q) = if batch.targets.is_empty() || self.negatives == Negatives::Full
-        {
-            (Vec::new(), ItemInput::default(), Vec::new())
+        let (mut ix, bias) = if batch.targets.is_empty() {
+            (ItemInput::default(), None)
+        } else if let Some(all) = &self.all_items {
+            (all.clone(), None)
         } else {
-            self.sampled_candidates(&batch.targets)
+            let (cand_ids, ix, log_q) = self.sampled_candidates(&batch.targets);
+            let seen = self.tcfg.mask_seen.then_some(&batch.seen[..]);
+            let bias = sampled_bias(&log_q, &batch.targets, &cand_ids, seen);
+            batch.seen = Vec::new();
+            (ix, Some(bias))
         };
-        Ready {
+        let rows = if batch.targets.is_empty() {
+            StepRows {
+                user_id: Vec::new(),
+                user_feat: Vec::new(),
+                item_id: Vec::new(),
+                item_feat: Vec::new(),
+            }
+        } else {
+            let [user_id, user_feat, item_id, item_feat] = &mut self.planners;
+            let (users, slots, [recent, long]) = batch.user.ids_mut();
+            StepRows {
+                user_id: user_id.plan(&mut [users])?,
+                user_feat: user_feat.plan(&mut [slots])?,
+                item_id: item_id.plan(&mut [recent, long, &mut ix.items])?,
+                item_feat: item_feat.plan(&mut [&mut ix.slots])?,
+            }
+        };
+        Ok(Ready {
             batch,
-            cand_ids,
             ix,
-            log_q,
+            rows,
+            bias,
             encode_ms: started.elapsed().as_secs_f64() * 1000.0,
-        }
+        })
     }
 
     /// Encodes a batch: user inputs with id dropout, targets, weights and (for masking) what
@@ -880,16 +962,7 @@ impl Trainer {
             eps: 1e-8,
             weight_decay: tcfg.weight_decay,
         };
-        let dense_opt = candle_nn::AdamW::new(
-            vars,
-            candle_nn::ParamsAdamW {
-                lr: tcfg.lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: tcfg.weight_decay,
-            },
-        )?;
+        let dense_opt = DenseAdamW::new(vars, sparse_opt, &dev)?;
         let estimator = estimator(tcfg.logq, items.len(), tcfg.seed);
         let negatives = tcfg.negatives.resolve(items.len());
         let all_items = (negatives == Negatives::Full).then(|| {
@@ -901,6 +974,13 @@ impl Trainer {
             }
             x
         });
+        let planners = [
+            users.len(),
+            users.schema.table_rows,
+            items.len(),
+            items.schema.table_rows,
+        ]
+        .map(RowPlanner::new);
         let windows = user_tower.seq.is_some();
         let ahead = !dev.is_cpu();
         let (user_schema, item_schema) = (users.schema.clone(), items.schema.clone());
@@ -919,6 +999,8 @@ impl Trainer {
                 negatives,
                 windows,
                 rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(3)),
+                all_items,
+                planners,
             }),
             user_schema,
             item_schema,
@@ -933,7 +1015,6 @@ impl Trainer {
             sparse_opt,
             step: 0,
             negatives,
-            all_items,
             rng: ChaCha8Rng::seed_from_u64(tcfg.seed.wrapping_add(2)),
             ahead,
         })
@@ -969,7 +1050,7 @@ impl Trainer {
         user_vid: &[u32],
     ) -> Result<Option<Tensor>> {
         let laps = Laps::new(self.profile.is_some(), &self.dev);
-        let ready = self.feeder_mut().prepare(batch, seqs, user_vid);
+        let ready = self.feeder_mut().prepare(batch, seqs, user_vid)?;
         self.step_ready(ready, laps)
     }
 
@@ -993,7 +1074,7 @@ impl Trainer {
         }
         let mut feed = self.feed.take().expect("the feeder is home between epochs");
         let (result, feed) = std::thread::scope(|s| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Ready>(AHEAD);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Ready>>(AHEAD);
             let producer = s.spawn(move || {
                 for b in batches {
                     if tx.send(feed.prepare(b, seqs, user_vid)).is_err() {
@@ -1007,7 +1088,8 @@ impl Trainer {
                 // A step's "prepare" part is the wait for its batch.
                 let laps = Laps::new(self.profile.is_some(), &self.dev);
                 let Ok(ready) = rx.recv() else { break };
-                if let Err(e) = self.step_ready(ready, laps).and_then(|loss| each(k, loss)) {
+                let stepped = ready.and_then(|ready| self.step_ready(ready, laps));
+                if let Err(e) = stepped.and_then(|loss| each(k, loss)) {
                     result = Err(e);
                     break;
                 }
@@ -1036,41 +1118,19 @@ impl Trainer {
                     weights,
                     seen,
                 },
-            cand_ids,
             ix,
-            log_q,
+            rows,
+            bias,
             encode_ms,
         } = ready;
         if targets.is_empty() {
             return Ok(None);
         }
-        let seen = self.tcfg.mask_seen.then_some(&seen[..]);
-        let full = self.negatives == Negatives::Full;
         let prepare = laps.lap()?;
-        let pad = [0u32];
-        let (user_ids, user_slots, item_lists) = user.ids();
-        let gu = self
-            .user_id
-            .gather(user_ids.iter().chain(&pad), &self.dev)?;
-        let guf = self
-            .user_feat
-            .gather(user_slots.iter().chain(&pad), &self.dev)?;
-        let all = self.all_items.take();
-        let item_ids: &[u32] = match &all {
-            Some(x) => &x.items,
-            None => &ix.items,
-        };
-        let gi = self.item_id.gather(
-            item_lists.into_iter().flatten().chain(item_ids).chain(&pad),
-            &self.dev,
-        )?;
-        let item_slots: &[u32] = match &all {
-            Some(x) => &x.slots,
-            None => &ix.slots,
-        };
-        let gif = self
-            .item_feat
-            .gather(item_slots.iter().chain(&pad), &self.dev)?;
+        let gu = self.user_id.gather(rows.user_id, &self.dev)?;
+        let guf = self.user_feat.gather(rows.user_feat, &self.dev)?;
+        let gi = self.item_id.gather(rows.item_id, &self.dev)?;
+        let gif = self.item_feat.gather(rows.item_feat, &self.dev)?;
         let gather = laps.lap()?;
         let tables = UserTables {
             user_id: Table::Gathered(&gu),
@@ -1092,36 +1152,29 @@ impl Trainer {
         };
         let user_in = dropout(&user_in, p, &mut self.rng)?;
         let u = self.user_tower.head(&user_in)?;
+        let user_ms = laps.lap()?;
         let item_tables = ItemTables {
             item_id: Table::Gathered(&gi),
             item_feat: Table::Gathered(&gif),
         };
-        let item_x = all.as_ref().unwrap_or(&ix);
         let item_in = self
             .item_tower
-            .input(&item_tables, &self.item_schema, item_x)?;
+            .input(&item_tables, &self.item_schema, &ix)?;
         let item_in = dropout(&item_in, p, &mut self.rng)?;
         let c = l2_normalize(&self.item_tower.mlp.forward(&item_in)?)?;
+        let item_ms = laps.lap()?;
         let inv_tau = self.log_tau.as_tensor().neg()?.exp()?;
-        let loss = if full {
-            full_softmax_loss(&u, &c, &inv_tau, &targets, Some(&weights), seen)?
-        } else {
-            sampled_softmax_loss(
-                &u,
-                &c,
-                &inv_tau,
-                &log_q,
-                &targets,
-                &cand_ids,
-                Some(&weights),
-                seen,
-            )?
+        let loss = match bias {
+            Some(bias) => sampled_softmax_loss_biased(&u, &c, &inv_tau, bias, Some(&weights))?,
+            None => {
+                let seen = self.tcfg.mask_seen.then_some(&seen[..]);
+                full_softmax_loss(&u, &c, &inv_tau, &targets, Some(&weights), seen)?
+            }
         };
-        self.all_items = all;
-        let forward = laps.lap()?;
+        let loss_ms = laps.lap()?;
         let grads = loss.backward()?;
         let backward = laps.lap()?;
-        self.dense_opt.step(&grads)?;
+        self.dense_opt.step(&grads, self.step + 1)?;
         self.step += 1;
         for (table, g) in [
             (&mut self.user_id, gu),
@@ -1132,14 +1185,16 @@ impl Trainer {
             if let Some(grad) = grads.get(&g.leaf) {
                 table.apply(&g, grad, &self.sparse_opt, self.step)?;
             }
-            table.reclaim(g);
         }
         let update = laps.lap()?;
         if let Some(p) = &mut self.profile {
             p.prepare_ms += prepare;
             p.encode_ms += encode_ms;
             p.gather_ms += gather;
-            p.forward_ms += forward;
+            p.forward_ms += user_ms + item_ms + loss_ms;
+            p.user_ms += user_ms;
+            p.item_ms += item_ms;
+            p.loss_ms += loss_ms;
             p.backward_ms += backward;
             p.update_ms += update;
             p.steps += 1;
