@@ -35,6 +35,18 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
+impl From<AdamW> for candle_nn::ParamsAdamW {
+    fn from(o: AdamW) -> Self {
+        candle_nn::ParamsAdamW {
+            lr: o.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        }
+    }
+}
+
 /// An embedding table trained with sparse (lazy) AdamW updates.
 pub struct SparseTable {
     pub rows: usize,

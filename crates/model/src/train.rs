@@ -577,16 +577,7 @@ impl DenseAdamW {
             return Ok(DenseAdamW::Fused(crate::cuda::FusedAdamW::new(vars, opt)?));
         }
         let _ = dev;
-        Ok(DenseAdamW::Candle(candle_nn::AdamW::new(
-            vars,
-            candle_nn::ParamsAdamW {
-                lr: opt.lr,
-                beta1: opt.beta1,
-                beta2: opt.beta2,
-                eps: opt.eps,
-                weight_decay: opt.weight_decay,
-            },
-        )?))
+        Ok(DenseAdamW::Candle(candle_nn::AdamW::new(vars, opt.into())?))
     }
 
     /// Step `step` (from 1) on the gradients in `grads`.
