@@ -217,7 +217,7 @@ pub fn row_mix(
         b.arg(&rows_u).arg(&d_u);
         let threads = (d as u32).next_multiple_of(32).min(256);
         // SAFETY: the kernel reads `start[0..=rows]` and the `col`/`w` entries they delimit
-        // (every col below rows_in: the gathered leaf checks each id it is asked for), and
+        // (every col below rows_in: `rowmix::mix` refuses any other mix), and
         // reads `x` / writes `out` at rows below rows_in (forward: x; transposed: out) and
         // below `rows` (forward: out; transposed: x), each `d` wide; the caller checked `x`'s
         // rows against the mix and `out` was allocated with its rows above.

@@ -227,8 +227,12 @@ impl CustomOp1 for MixOp {
     }
 }
 
-/// `mix · x` for a 2-D f32 tensor `x`, differentiable with respect to `x`.
+/// `mix · x` for a 2-D f32 tensor `x`, differentiable with respect to `x`. A mix reading a
+/// row outside its `rows_in` is refused here (the GPU kernels index with its entries unchecked).
 pub fn mix(x: &Tensor, m: RowMix) -> Result<Tensor> {
+    if let Some(&c) = m.col.iter().find(|&&c| c as usize >= m.rows_in) {
+        candle_core::bail!("row-mix entry reads row {c} of {}", m.rows_in);
+    }
     x.contiguous()?.apply_op1(MixOp {
         m: Arc::new(m),
         transposed: false,
@@ -287,6 +291,11 @@ mod tests {
             out,
             vec![vec![5., 6.], vec![3., 4.], vec![0., 0.], vec![8., 10.]]
         );
+        // An entry reading past the input rows is refused before any kernel sees it.
+        let mut bad = example();
+        bad.col[1] = 3;
+        let err = mix(&x, bad).unwrap_err().to_string();
+        assert!(err.contains("reads row 3 of 3"), "{err}");
     }
 
     #[test]
