@@ -536,7 +536,8 @@ pub struct StepPhases {
     pub user_ms: f64,
     /// The item tower.
     pub item_ms: f64,
-    /// Logits, the loss's mask lists and the softmax loss.
+    /// Logits and the softmax loss (with `full` negatives, also the loss's mask lists; sampled
+    /// negatives have theirs built with the batch).
     pub loss_ms: f64,
     pub backward_ms: f64,
     /// Dense AdamW and the sparse row updates.
