@@ -272,29 +272,19 @@ impl RowStep {
 }
 
 impl Gathered {
-    /// Checks a renumbered id against the leaf's rows.
-    #[inline]
-    fn local(&self, id: u32) -> u32 {
-        assert!(
-            (id as usize) < self.rows.len(),
-            "leaf row {id} of {} gathered for this step",
-            self.rows.len()
-        );
-        id
-    }
-
-    /// Embeddings of leaf rows `ids`, shape `(ids.len(), dim)`.
+    /// Embeddings of leaf rows `ids`, shape `(ids.len(), dim)`; a row past the leaf's is an
+    /// error ([`mix`] checks every entry).
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         let mut m = RowMix::new(self.rows.len());
         for &id in ids {
-            m.push(self.local(id), 1.0);
+            m.push(id, 1.0);
             m.end_row();
         }
         mix(self.leaf.as_tensor(), m)
     }
 
     /// The mean embedding of each row of `ids` (`b` rows of `width`, 0 = padding, skipped);
-    /// rows with no id give zeros.
+    /// rows with no id give zeros; a row past the leaf's is an error, as in [`Gathered::lookup`].
     pub fn mean_pool(&self, ids: &[u32], width: usize) -> Result<Tensor> {
         let width = width.max(1);
         let m = RowMix::build(self.rows.len(), ids.len().div_ceil(width), |r, out| {
@@ -302,7 +292,7 @@ impl Gathered {
             let n = chunk.iter().filter(|&&i| i != 0).count();
             let share = 1.0 / n.max(1) as f32;
             for &i in chunk.iter().filter(|&&i| i != 0) {
-                out.push((self.local(i), share));
+                out.push((i, share));
             }
         });
         mix(self.leaf.as_tensor(), m)
@@ -394,8 +384,11 @@ mod tests {
             g.lookup(&c).unwrap().to_vec2::<f32>().unwrap(),
             want(&[65, 5, 199])
         );
-        let outside = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.lookup(&[4])));
-        assert!(outside.is_err(), "only 4 rows were gathered");
+        assert!(g.lookup(&[4]).is_err(), "only 4 rows were gathered");
+        assert!(
+            g.mean_pool(&[1, 4], 2).is_err(),
+            "only 4 rows were gathered"
+        );
         // A row outside the table is an error, rewrites nothing and leaves the marks clean.
         let mut d = [3u32, 200];
         assert!(planner.plan(&mut [&mut d]).is_err());
