@@ -336,6 +336,10 @@ impl Builder<'_> {
 
     /// Replaces node `id`'s layer-0 list; the caller holds the node's mutex.
     fn write_l0(&self, id: u32, list: &[u32]) {
+        debug_assert!(
+            list.len() <= self.m0,
+            "a layer-0 list holds at most m0 links"
+        );
         let slots = self.l0(id);
         for (slot, &nb) in slots.iter().zip(list) {
             slot.store(nb, AtomicOrdering::Relaxed);
@@ -547,8 +551,8 @@ impl Hnsw {
     /// under its own mutex, searches read layer-0 lists from one flat array without it (see
     /// [`Builder::l0`]) and upper-layer lists under it, and a node that raises the top level
     /// takes a global lock for its whole insertion. The result is then flattened into lock-free
-    /// arrays for serving. With one thread the build is
-    /// deterministic for `params.seed`; with several, insertion interleaving varies.
+    /// arrays for serving. With one thread the build is deterministic for `params.seed`; with
+    /// several, insertion interleaving varies.
     pub fn build(vectors: Vec<f32>, dim: usize, params: &HnswParams) -> Result<Self> {
         if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::Invalid(format!(
@@ -1415,9 +1419,9 @@ mod tests {
 
     #[test]
     fn layer0_lists_are_rewritten_in_place_and_end_at_their_mark() {
-        let (dim, m) = (4, 2);
-        let vectors = vec![0.5f32; 3 * dim];
-        let levels = vec![0u8; 3];
+        let (dim, m, n) = (4, 2, 6);
+        let vectors = crate::synthetic_embeddings(n, dim, 2, 1, 3);
+        let levels = vec![0u8; n];
         let b = Builder {
             dot: crate::simd::select(),
             dim,
@@ -1426,9 +1430,11 @@ mod tests {
             ef_construction: 8,
             vectors: &vectors,
             levels: &levels,
-            nodes: (0..3).map(|_| Mutex::new(Node { up: Vec::new() })).collect(),
-            l0: (0..3 * 2 * m).map(|_| AtomicU32::new(NO_LINK)).collect(),
-            ready: (0..3).map(|_| AtomicBool::new(true)).collect(),
+            nodes: (0..n)
+                .map(|_| Mutex::new(Node { up: Vec::new() }))
+                .collect(),
+            l0: (0..n * 2 * m).map(|_| AtomicU32::new(NO_LINK)).collect(),
+            ready: (0..n).map(|_| AtomicBool::new(true)).collect(),
             top: RwLock::new((0, 0)),
             grow: Mutex::new(()),
         };
@@ -1438,20 +1444,28 @@ mod tests {
             out
         };
         assert!(read(1).is_empty());
-        b.write_l0(1, &[0, 2, 0]);
-        assert_eq!(read(1), [0, 2, 0]);
+        b.write_l0(1, &[0, 2, 3]);
+        assert_eq!(read(1), [0, 2, 3]);
         b.write_l0(1, &[2]);
         assert_eq!(read(1), [2], "a shorter list ends at its mark");
-        b.write_l0(1, &[0, 2, 0, 2]);
-        assert_eq!(read(1), [0, 2, 0, 2], "a full list needs no mark");
-        assert!(read(0).is_empty() && read(2).is_empty(), "neighbours untouched");
-        // Reverse links: a new one is appended once; a full list is re-selected, not overrun.
-        b.write_l0(0, &[]);
+        b.write_l0(1, &[0, 2, 3, 4]);
+        assert_eq!(read(1), [0, 2, 3, 4], "a full list needs no mark");
+        assert!(
+            read(0).is_empty() && read(2).is_empty(),
+            "neighbours untouched"
+        );
+        // Reverse links: a new one is appended once; to a full list, the new link and the old
+        // ones are re-selected, never overrunning the list.
         b.link(0, 1, 0, 2 * m);
         b.link(0, 1, 0, 2 * m);
         assert_eq!(read(0), [1]);
-        b.link(1, 1, 0, 2 * m);
-        assert!(read(1).len() <= 2 * m);
+        b.link(1, 5, 0, 2 * m);
+        let after = read(1);
+        assert!(!after.is_empty() && after.len() <= 2 * m, "{after:?}");
+        assert!(
+            after.iter().all(|id| [0, 2, 3, 4, 5].contains(id)),
+            "{after:?}"
+        );
     }
 
     #[test]
