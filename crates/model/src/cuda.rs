@@ -318,8 +318,8 @@ impl DeviceTable {
             return Ok(());
         }
         let grad = grad.contiguous()?;
-        let op = AdamRows {
-            rows,
+        let op = AdamOp {
+            rows: Some(rows),
             moments: Mutex::new(&mut self.moments),
             dim: self.dim,
             step,
@@ -328,21 +328,23 @@ impl DeviceTable {
     }
 }
 
-/// The in-place update of a [`DeviceTable`]'s weights (and, through the op, its moments).
-struct AdamRows<'a> {
-    rows: &'a [u32],
+/// An in-place AdamW update of a weight tensor (and, through the op, its moments): the rows
+/// `rows` of a [`DeviceTable`] (`adam_rows`), or with no rows a whole dense variable of `dim`
+/// values (`adam_dense`).
+struct AdamOp<'a> {
+    rows: Option<&'a [u32]>,
     moments: Mutex<&'a mut CudaSlice<f32>>,
     dim: usize,
     step: &'a RowStep,
 }
 
-impl InplaceOp2 for AdamRows<'_> {
+impl InplaceOp2 for AdamOp<'_> {
     fn name(&self) -> &'static str {
-        "adam-rows"
+        "adam"
     }
 
     fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("adam-rows runs on CUDA devices only")
+        candle_core::bail!("the AdamW kernels run on CUDA devices only")
     }
 
     fn cuda_fwd(
@@ -352,22 +354,43 @@ impl InplaceOp2 for AdamRows<'_> {
         g: &CudaStorage,
         g_layout: &Layout,
     ) -> Result<()> {
-        let n = self.rows.len();
         let d = self.dim;
-        if g_layout.shape().elem_count() != n * d || w_layout.start_offset() != 0 {
-            candle_core::bail!("adam-rows: gradient of {:?} for {n} rows", g_layout.shape());
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        // Values updated: n rows of d, or (dense) all d of the variable.
+        let n = self.rows.map_or(1, <[u32]>::len);
+        let fits = g_layout.shape().elem_count() == n * d
+            && w_layout.start_offset() == 0
+            && w_layout.is_contiguous()
+            && (self.rows.is_some()
+                || (w_layout.shape().elem_count() == d && moments.len() == 2 * d));
+        if !fits {
+            candle_core::bail!(
+                "adam: gradient of {:?} for {n} rows of {d} in a tensor of {:?}",
+                g_layout.shape(),
+                w_layout.shape()
+            );
+        }
+        if n * d == 0 {
+            return Ok(());
         }
         let dev = w.device().clone();
         let g = input(g, g_layout)?;
-        let rows = dev.clone_htod(self.rows)?;
-        let func = dev.get_or_load_custom_func("adam_rows", MODULE, ptx()?)?;
-        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
         let weights = w.as_cuda_slice_mut::<f32>()?;
-        let s = self.step;
-        let (n_u, d_u) = (n as u32, d as u32);
+        let rows = self.rows.map(|r| dev.clone_htod(r)).transpose()?;
+        let name = if rows.is_some() {
+            "adam_rows"
+        } else {
+            "adam_dense"
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+        let (n_u, d_u, d_64) = (n as u32, d as u32, d as u64);
         let mut l = func.builder();
-        l.arg(weights).arg(&mut **moments).arg(&rows).arg(&g);
-        l.arg(&n_u).arg(&d_u);
+        l.arg(weights).arg(&mut **moments);
+        match &rows {
+            Some(rows) => l.arg(rows).arg(&g).arg(&n_u).arg(&d_u),
+            None => l.arg(&g).arg(&d_64),
+        };
+        let s = self.step;
         l.arg(&s.b1)
             .arg(&s.b2)
             .arg(&s.lr_c)
@@ -375,9 +398,12 @@ impl InplaceOp2 for AdamRows<'_> {
             .arg(&s.eps)
             .arg(&s.decay);
         let cfg = LaunchConfig::for_num_elems((n * d) as u32);
-        // SAFETY: the rows are distinct table rows (gathered, sorted and deduplicated), so each
-        // thread writes its own element of `weights` (rows·dim values) and `moments`
-        // (rows·2·dim); `g` holds n·d values and `rows` n.
+        // SAFETY: thread i < n·d reads `g[i]` (n·d values, checked above). With rows: they
+        // are distinct table rows (planned: sorted and deduplicated), so each thread writes its
+        // own element of `weights` (a contiguous table of rows·d values) and of `moments`
+        // (rows·2·d), and `rows` holds n. Dense: thread i reads and writes `weights[i]` (a
+        // contiguous variable of d values from offset 0) and `moments[i]`, `moments[d + i]`
+        // (2·d values); all checked above.
         unsafe { l.launch(cfg) }.w()?;
         Ok(())
     }
@@ -415,73 +441,14 @@ impl FusedAdamW {
         for (var, moments) in &mut self.vars {
             let Some(g) = grads.get(var) else { continue };
             let g = g.contiguous()?;
-            let op = AdamDense {
+            let op = AdamOp {
+                rows: None,
                 moments: Mutex::new(moments),
+                dim: var.elem_count(),
                 step: &s,
             };
             var.as_tensor().inplace_op2(&g, &op)?;
         }
-        Ok(())
-    }
-}
-
-/// The in-place update of one dense variable (and, through the op, its moments).
-struct AdamDense<'a> {
-    moments: Mutex<&'a mut CudaSlice<f32>>,
-    step: &'a RowStep,
-}
-
-impl InplaceOp2 for AdamDense<'_> {
-    fn name(&self) -> &'static str {
-        "adam-dense"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("adam-dense runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        w: &mut CudaStorage,
-        w_layout: &Layout,
-        g: &CudaStorage,
-        g_layout: &Layout,
-    ) -> Result<()> {
-        let n = w_layout.shape().elem_count();
-        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
-        if g_layout.shape().elem_count() != n
-            || w_layout.start_offset() != 0
-            || !w_layout.is_contiguous()
-            || moments.len() != 2 * n
-        {
-            candle_core::bail!(
-                "adam-dense: gradient of {:?} for a variable of {:?}",
-                g_layout.shape(),
-                w_layout.shape()
-            );
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        let dev = w.device().clone();
-        let g = input(g, g_layout)?;
-        let func = dev.get_or_load_custom_func("adam_dense", MODULE, ptx()?)?;
-        let weights = w.as_cuda_slice_mut::<f32>()?;
-        let s = self.step;
-        let n_u = n as u64;
-        let mut l = func.builder();
-        l.arg(weights).arg(&mut **moments).arg(&g).arg(&n_u);
-        l.arg(&s.b1)
-            .arg(&s.b2)
-            .arg(&s.lr_c)
-            .arg(&s.v_c)
-            .arg(&s.eps)
-            .arg(&s.decay);
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        // SAFETY: thread i < n reads `g[i]` (n values), reads and writes `weights[i]` (a
-        // contiguous variable of n values from offset 0, checked above) and `moments[i]`,
-        // `moments[n + i]` (2·n values, checked above).
-        unsafe { l.launch(cfg) }.w()?;
         Ok(())
     }
 }
