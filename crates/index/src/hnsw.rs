@@ -92,6 +92,7 @@ struct Scratch {
     pool: Vec<Slot>,
     buf: Vec<u32>,
     fresh: Vec<u32>,
+    scores: Vec<f32>,
     query: crate::quant::CodeQuery,
 }
 
@@ -101,6 +102,7 @@ thread_local! {
         pool: Vec::new(),
         buf: Vec::new(),
         fresh: Vec::new(),
+        scores: Vec::new(),
         query: Default::default(),
     });
 }
@@ -175,14 +177,16 @@ struct Slot {
 /// Nodes for which `skip` holds still guide the walk (they are pooled and expanded like any
 /// other) but are not counted among the `ef` kept and never answered, so an exclusion list
 /// costs no recall and the answer keeps `ef` nodes whenever the graph reaches that many
-/// others. `prefetch` is called for a node's unvisited neighbours before any is scored, and
-/// `pooled` for a node entering the pool (its list will likely be read).
+/// others. `prefetch` is called for a node's unvisited neighbours before any is scored, then
+/// `dist` scores them all in one call (distances: smaller is nearer; one call per expanded
+/// node lets the kernel run its loop without a call per row), and `pooled` is called for a
+/// node entering the pool (its list will likely be read).
 #[allow(clippy::too_many_arguments)]
 fn search_pool(
     entry: Cand,
     ef: usize,
     scratch: &mut Scratch,
-    dist: impl Fn(u32) -> f32,
+    dist: impl Fn(&[u32], &mut [f32]),
     mut neighbours: impl FnMut(u32, &mut Vec<u32>),
     prefetch: impl Fn(u32),
     pooled: impl Fn(u32),
@@ -193,6 +197,7 @@ fn search_pool(
         pool,
         buf,
         fresh,
+        scores,
         ..
     } = scratch;
     pool.clear();
@@ -213,8 +218,9 @@ fn search_pool(
             }
         }
         let mut next = cursor + 1;
-        for &nb in fresh.iter() {
-            let d = dist(nb);
+        scores.resize(fresh.len(), 0.0);
+        dist(fresh, scores);
+        for (&nb, &d) in fresh.iter().zip(scores.iter()) {
             // Most scored nodes are worse than a full pool's worst: refused here, inline.
             if kept >= ef && pool.last().is_some_and(|w| d >= w.d) {
                 continue;
@@ -485,8 +491,10 @@ impl Builder<'_> {
 }
 
 pub struct Hnsw {
-    /// Inner product chosen for this CPU once, kept here so the hot loop pays no lookup.
+    /// Inner products chosen for this CPU once (one row, many rows), kept here so the hot loop
+    /// pays no lookup.
     dot: crate::simd::DotFn,
+    dot_rows: crate::simd::DotRowsFn,
     dim: usize,
     m: usize,
     m0: usize,
@@ -659,6 +667,7 @@ impl Hnsw {
         let entry = if n == 0 { 0 } else { view.internal(h.entry) };
         let mut index = Hnsw {
             dot: crate::simd::select(),
+            dot_rows: crate::simd::select_rows(),
             dim: h.dim,
             m: h.m,
             m0,
@@ -939,6 +948,7 @@ impl Hnsw {
             .map_err(|e| IndexError::Invalid(format!("corrupt HNSW layer 0: {e}")))?;
         Ok(Hnsw {
             dot: crate::simd::select(),
+            dot_rows: crate::simd::select_rows(),
             dim,
             m,
             m0,
@@ -1294,7 +1304,7 @@ impl AnnIndex for Hnsw {
     }
 
     fn search(&self, q: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)> {
-        self.search_filtered(q, k, ef, &|_| false)
+        self.walk(q, k, ef, None)
     }
 
     fn search_filtered(
@@ -1304,12 +1314,30 @@ impl AnnIndex for Hnsw {
         ef: usize,
         skip: &dyn Fn(u32) -> bool,
     ) -> Vec<(u32, f32)> {
+        self.walk(q, k, ef, Some(skip))
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        Hnsw::to_bytes(self)
+    }
+}
+
+impl Hnsw {
+    /// The search behind [`AnnIndex::search`] and [`AnnIndex::search_filtered`]: without a
+    /// `skip`, pooled nodes are not mapped back to rows until the answer.
+    fn walk(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        skip: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<(u32, f32)> {
         let n = self.levels.len();
         if n == 0 || k == 0 {
             return Vec::new();
         }
         let ef = ef.max(k);
-        let (dim, dot) = (self.dim, self.dot);
+        let (dim, dot, dot_rows) = (self.dim, self.dot, self.dot_rows);
         let vectors: &[f32] = &self.vectors;
         let mut ep = Cand {
             d: self.dist(q, self.entry),
@@ -1329,11 +1357,14 @@ impl AnnIndex for Hnsw {
                     ep,
                     ef,
                     scratch,
-                    |b| -dot(q, row(vectors, dim, b)),
+                    |ids, out| {
+                        dot_rows(q, vectors, dim, ids, out);
+                        out.iter_mut().for_each(|d| *d = -*d);
+                    },
                     |b, buf| codes.links(b, buf),
                     |b| prefetch_f32(row(vectors, dim, b)),
                     |b| codes.prefetch_links(b),
-                    |b| skip(codes.external(b)),
+                    |b| skip.is_some_and(|f| f(codes.external(b))),
                 );
                 return scratch
                     .pool
@@ -1353,11 +1384,15 @@ impl AnnIndex for Hnsw {
                 },
                 ef,
                 scratch,
-                |b| -codes.score(&cq, b),
+                |ids, out| {
+                    for (o, &b) in out.iter_mut().zip(ids) {
+                        *o = -codes.score(&cq, b);
+                    }
+                },
                 |b, buf| codes.links(b, buf),
                 |b| codes.prefetch(b),
                 |b| codes.prefetch_links(b),
-                |b| skip(codes.external(b)),
+                |b| skip.is_some_and(|f| f(codes.external(b))),
             );
             scratch.query = cq;
             for s in scratch.pool.iter() {
@@ -1372,10 +1407,6 @@ impl AnnIndex for Hnsw {
             exact.truncate(k);
             exact
         })
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        Hnsw::to_bytes(self)
     }
 }
 

@@ -481,6 +481,15 @@ mod tests {
             println!("{layout:?}: recall@10 {r64:.4} at ef 64, {r256:.4} at ef 256");
             assert!(r64 >= 0.95, "{layout:?}: recall@10 {r64:.4} at ef 64");
             assert!(r256 >= 0.99, "{layout:?}: recall@10 {r256:.4} at ef 256");
+            // A search without exclusions (which never maps pooled nodes back to rows) and
+            // one with an exclusion that matches nothing walk alike.
+            for q in queries.chunks_exact(dim).take(20) {
+                assert_eq!(
+                    index.search(q, 10, 64),
+                    index.search_filtered(q, 10, 64, &|_| false),
+                    "{layout:?}"
+                );
+            }
             // Scores are exact inner products in both layouts.
             let q = &queries[..dim];
             for (row, score) in index.search(q, 5, 64) {

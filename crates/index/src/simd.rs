@@ -14,6 +14,18 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     tandem_types::vector::dot(a, b)
 }
 
+/// Inner products of a query with many rows of a row-major array: `out[i] = q · row(ids[i])`,
+/// where row `r` is `vectors[r·dim .. (r+1)·dim]` (`out` and `ids` have the same length).
+pub type DotRowsFn = fn(&[f32], &[f32], usize, &[u32], &mut [f32]);
+
+/// Portable version of [`DotRowsFn`].
+pub fn dot_rows_portable(q: &[f32], vectors: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
+    for (o, &id) in out.iter_mut().zip(ids) {
+        let s = id as usize * dim;
+        *o = dot_portable(q, &vectors[s..s + dim]);
+    }
+}
+
 pub type DotU8Fn = fn(&[u8], &[i8], &[i8]) -> (i32, i32);
 
 /// Exact integer dot products of unsigned codes with two rows of signed query weights (the
@@ -172,6 +184,45 @@ mod x86 {
         total
     }
 
+    /// One call per batch of rows, the row kernel inlined into its loop (no call per row).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_rows_avx2_impl(
+        q: &[f32],
+        vectors: &[f32],
+        dim: usize,
+        ids: &[u32],
+        out: &mut [f32],
+    ) {
+        for (o, &id) in out.iter_mut().zip(ids) {
+            let s = id as usize * dim;
+            *o = dot_avx2_impl(q, &vectors[s..s + dim]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_rows_avx512_impl(
+        q: &[f32],
+        vectors: &[f32],
+        dim: usize,
+        ids: &[u32],
+        out: &mut [f32],
+    ) {
+        for (o, &id) in out.iter_mut().zip(ids) {
+            let s = id as usize * dim;
+            *o = dot_avx512_impl(q, &vectors[s..s + dim]);
+        }
+    }
+
+    pub fn dot_rows_avx2(q: &[f32], vectors: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
+        // SAFETY: `select_rows` hands this out only after detecting avx2 and fma.
+        unsafe { dot_rows_avx2_impl(q, vectors, dim, ids, out) }
+    }
+
+    pub fn dot_rows_avx512(q: &[f32], vectors: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
+        // SAFETY: `select_rows` hands this out only after detecting avx512f.
+        unsafe { dot_rows_avx512_impl(q, vectors, dim, ids, out) }
+    }
+
     pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `select` hands this out only after detecting avx2 and fma.
         unsafe { dot_avx2_impl(a, b) }
@@ -205,6 +256,17 @@ fn chosen() -> (DotFn, &'static str) {
 /// forces the portable one).
 pub fn select() -> DotFn {
     chosen().0
+}
+
+/// The batch kernel matching [`select`]'s choice.
+pub fn select_rows() -> DotRowsFn {
+    #[cfg(target_arch = "x86_64")]
+    match chosen().1 {
+        "avx512f" => return x86::dot_rows_avx512 as DotRowsFn,
+        "avx2+fma" => return x86::dot_rows_avx2 as DotRowsFn,
+        _ => {}
+    }
+    dot_rows_portable as DotRowsFn
 }
 
 /// Name of the selected implementation, for benchmark reports.
@@ -283,6 +345,16 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want = dot_portable(&a, &b);
             let got = select()(&a, &b);
+            // Three rows, the middle one `b`: the batch kernel gives the same products.
+            let rows: Vec<f32> = a.iter().chain(&b).chain(&a).copied().collect();
+            let mut out = [0f32; 4];
+            select_rows()(&a, &rows, n, &[1, 0, 2, 1], &mut out);
+            for (o, w) in out
+                .iter()
+                .zip([want, dot_portable(&a, &a), dot_portable(&a, &a), want])
+            {
+                assert!((o - w).abs() <= 1e-4 * (1.0 + w.abs()), "n {n}: {o} vs {w}");
+            }
             assert!(
                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                 "n {n}: {got} vs {want} ({})",
