@@ -812,14 +812,21 @@ impl Hnsw {
 
     /// Greedy descent on upper layer `layer`: move to the nearest neighbour while one is nearer
     /// than where the walk stands (what a best-first search with `ef` = 1 does, without its
-    /// heaps and visited marks).
-    fn greedy_upper(&self, q: &[f32], mut at: Cand, layer: usize) -> Cand {
+    /// heaps and visited marks). A step starts loading every neighbour's row before scoring
+    /// them in one call: upper-layer nodes are scattered over the whole array, so each row is
+    /// likely a cache miss, and this way the misses of one step overlap.
+    fn greedy_upper(&self, q: &[f32], mut at: Cand, layer: usize, scores: &mut Vec<f32>) -> Cand {
         loop {
+            let list = self.upper_neighbours(at.id, layer);
+            for &nb in list {
+                prefetch_f32(row(&self.vectors, self.dim, nb));
+            }
+            scores.resize(list.len(), 0.0);
+            (self.dot_rows)(q, &self.vectors, self.dim, list, scores);
             let mut moved = false;
-            for &nb in self.upper_neighbours(at.id, layer) {
-                let d = self.dist(q, nb);
-                if d < at.d {
-                    at = Cand { d, id: nb };
+            for (&nb, &s) in list.iter().zip(scores.iter()) {
+                if -s < at.d {
+                    at = Cand { d: -s, id: nb };
                     moved = true;
                 }
             }
@@ -1343,14 +1350,14 @@ impl Hnsw {
             d: self.dist(q, self.entry),
             id: self.entry,
         };
-        for layer in (1..=self.max_level).rev() {
-            ep = self.greedy_upper(q, ep, layer);
-        }
         // The graph links block numbers (see `quant`): vector `b` is block `b`'s, and rows
         // come back through the block order at the end.
         let codes = self.codes.view();
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
+            for layer in (1..=self.max_level).rev() {
+                ep = self.greedy_upper(q, ep, layer, &mut scratch.scores);
+            }
             scratch.visited.reset(n);
             if self.layout == Layout::F32 {
                 search_pool(
