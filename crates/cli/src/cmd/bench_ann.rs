@@ -51,8 +51,8 @@ pub struct AnnArgs {
     pub ef: Vec<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Single-thread passes over the queries per ef; the fastest is reported (a shared or
-    /// virtual machine's speed drifts).
+    /// Rounds of single-thread passes over the queries, one pass per ef in each round; the
+    /// fastest pass per ef is reported (a shared or virtual machine's speed drifts).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Also write the base and query vectors used as `base.fvecs` / `queries.fvecs` here (to run
