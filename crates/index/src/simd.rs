@@ -184,34 +184,22 @@ mod x86 {
         total
     }
 
-    /// One call per batch of rows, the row kernel inlined into its loop (no call per row).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_rows_avx2_impl(
-        q: &[f32],
-        vectors: &[f32],
-        dim: usize,
-        ids: &[u32],
-        out: &mut [f32],
-    ) {
-        for (o, &id) in out.iter_mut().zip(ids) {
-            let s = id as usize * dim;
-            *o = dot_avx2_impl(q, &vectors[s..s + dim]);
-        }
+    /// A batch kernel: one call per batch of rows, with the row kernel `$row` (same target
+    /// features) inlined into its loop, so there is no call per row.
+    macro_rules! dot_rows_with {
+        ($name:ident, $features:literal, $row:ident) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name(q: &[f32], vectors: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
+                for (o, &id) in out.iter_mut().zip(ids) {
+                    let s = id as usize * dim;
+                    *o = $row(q, &vectors[s..s + dim]);
+                }
+            }
+        };
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dot_rows_avx512_impl(
-        q: &[f32],
-        vectors: &[f32],
-        dim: usize,
-        ids: &[u32],
-        out: &mut [f32],
-    ) {
-        for (o, &id) in out.iter_mut().zip(ids) {
-            let s = id as usize * dim;
-            *o = dot_avx512_impl(q, &vectors[s..s + dim]);
-        }
-    }
+    dot_rows_with!(dot_rows_avx2_impl, "avx2,fma", dot_avx2_impl);
+    dot_rows_with!(dot_rows_avx512_impl, "avx512f", dot_avx512_impl);
 
     pub fn dot_rows_avx2(q: &[f32], vectors: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
         // SAFETY: `select_rows` hands this out only after detecting avx2 and fma.
