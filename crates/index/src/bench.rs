@@ -138,8 +138,21 @@ pub fn run(
     let index = &loads.index;
     let file_bytes_per_vector = loads.file_bytes as f64 / n.max(1) as f64;
     let nq = queries.len() / dim;
+    // Throughput without the clock reads: `repeat` rounds, each one pass per ef in turn, and
+    // the fastest pass per ef. Rounds rather than an ef's passes back to back, so a slow spell
+    // of the machine (seconds long on a shared VM) costs every ef one pass, not one ef all.
+    let mut best = vec![f64::INFINITY; efs.len()];
+    for _ in 0..repeat.max(1) {
+        for (b, &ef) in best.iter_mut().zip(efs) {
+            let t = Instant::now();
+            for q in queries.chunks_exact(dim) {
+                std::hint::black_box(index.search(q, 10, ef));
+            }
+            *b = b.min(t.elapsed().as_secs_f64());
+        }
+    }
     let mut rows = Vec::new();
-    for &ef in efs {
+    for (&ef, best) in efs.iter().zip(best) {
         let recall = recall_at_k(index.as_ref(), &queries, &truth, 10, ef);
         let mut lat: Vec<f64> = Vec::with_capacity(nq);
         for q in queries.chunks_exact(dim) {
@@ -156,28 +169,12 @@ pub fn run(
         rows.push(EfRow {
             ef,
             recall_at_10: recall,
-            qps_1_thread: 0.0,
+            qps_1_thread: nq as f64 / best,
             qps_all_threads: qps_all,
             threads: rayon::current_num_threads(),
             p50_us: p50,
             p99_us: p99,
         });
-    }
-    // Throughput without the clock reads: `repeat` rounds, each one pass per ef in turn, and
-    // the fastest pass per ef. Rounds rather than an ef's passes back to back, so a slow spell
-    // of the machine (seconds long on a shared VM) costs every ef one pass, not one ef all.
-    let mut best = vec![f64::INFINITY; efs.len()];
-    for _ in 0..repeat.max(1) {
-        for (b, &ef) in best.iter_mut().zip(efs) {
-            let t = Instant::now();
-            for q in queries.chunks_exact(dim) {
-                std::hint::black_box(index.search(q, 10, ef));
-            }
-            *b = b.min(t.elapsed().as_secs_f64());
-        }
-    }
-    for (row, b) in rows.iter_mut().zip(best) {
-        row.qps_1_thread = nq as f64 / b;
     }
     Ok(BenchReport {
         engine: index.engine(),
