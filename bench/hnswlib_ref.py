@@ -8,11 +8,13 @@ side-by-side table. Run by hand (pip install hnswlib numpy), not by CI:
 Inner-product space on the (already L2-normalised) vectors, recall@10 against exact search,
 single-thread QPS (one knn_query call over every query on one thread: no Python cost per
 query), all-thread QPS (the same call on every core), build time with every core, load time and bytes per vector
-(the size of the saved index, which is what hnswlib holds in memory).
+(the size of the saved index, which is what hnswlib holds in memory). hnswlib's heap is put
+on 2 MiB pages (see `--small-pages`), and "pages" reports what each side ran on.
 """
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -26,6 +28,25 @@ def read_fvecs(path):
     return raw.reshape(-1, dim + 1)[:, 1:].copy().view(np.float32), int(dim)
 
 
+def page_sizes():
+    """The system's transparent huge page mode and this process's memory on 2 MiB pages, as
+    `tandem bench ann` reports them: hnswlib holds its index on the heap, which gets 2 MiB pages
+    only when the mode is `always`, and a graph walk's speed depends on it."""
+    out = {"thp": None, "file_pmd_mapped_mb": None, "anon_huge_mb": None}
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            out["thp"] = f.read().split("[", 1)[1].split("]", 1)[0]
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                field = {"FilePmdMapped": "file_pmd_mapped_mb", "AnonHugePages": "anon_huge_mb"}.get(key)
+                if field:
+                    out[field] = int(rest.split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True, help="folder with base.fvecs and queries.fvecs")
@@ -35,7 +56,21 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of single-thread passes (one per ef each); the fastest per ef is reported")
+    ap.add_argument("--small-pages", action="store_true",
+                    help="leave hnswlib's heap on the pages the system gives it (by default it is "
+                         "put on 2 MiB pages, as Tandem's mapped index file is)")
     args = ap.parse_args()
+
+    # hnswlib keeps its graph on the heap, which gets 2 MiB pages only under THP `always`; a
+    # freshly written index file that Tandem maps sits in 2 MiB page-cache folios on recent
+    # kernels. Walk speed depends on the page size (measured: 10-20 % either way), so unless
+    # told otherwise the reference runs with glibc's malloc asking for huge pages (glibc 2.35+;
+    # older ones ignore the tunable, and "pages" in the output says what the run got).
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not args.small_pages and "glibc.malloc.hugetlb" not in tunables:
+        env = dict(os.environ)
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, "glibc.malloc.hugetlb=1") if t)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
     base, dim = read_fvecs(os.path.join(args.dir, "base.fvecs"))
     queries, _ = read_fvecs(os.path.join(args.dir, "queries.fvecs"))
@@ -118,6 +153,8 @@ def main():
         "load_seconds": load_seconds,
         "bytes_per_vector": size / n,
         "ground_truth_seconds": gt_seconds,
+        "pages": page_sizes(),
+        "malloc_huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
         "rows": rows,
     }, indent=2))
 
