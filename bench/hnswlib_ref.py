@@ -30,18 +30,22 @@ def read_fvecs(path):
 
 def page_sizes():
     """The system's transparent huge page mode and this process's memory on 2 MiB pages, as
-    `tandem bench ann` reports them: hnswlib holds its index on the heap, which gets 2 MiB pages
-    only when the mode is `always`, and a graph walk's speed depends on it."""
+    `tandem bench ann` reports them (hnswlib holds its index on the heap: on 2 MiB pages under
+    THP `always`, or when malloc asks for them as this script makes it; a graph walk's speed
+    depends on it). Fields stay None where the kernel does not say."""
     out = {"thp": None, "file_pmd_mapped_mb": None, "anon_huge_mb": None}
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             out["thp"] = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        pass
+    fields = {"FilePmdMapped": "file_pmd_mapped_mb", "AnonHugePages": "anon_huge_mb"}
+    try:
         with open("/proc/self/smaps_rollup") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                field = {"FilePmdMapped": "file_pmd_mapped_mb", "AnonHugePages": "anon_huge_mb"}.get(key)
-                if field:
-                    out[field] = int(rest.split()[0]) / 1024
+                if key in fields:
+                    out[fields[key]] = int(rest.split()[0]) / 1024
     except (OSError, IndexError, ValueError):
         pass
     return out

@@ -275,7 +275,6 @@ fn time_loads(dir: &std::path::Path, params: &HnswParams) -> Result<Loads> {
     })
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), 0 elsewhere.
 /// How much of this process's memory sits on 2 MiB pages, and the system's transparent huge
 /// page mode. A graph walk touches a few hundred scattered rows per query, so its speed depends
 /// on the page size (measured: 20 % more single-thread QPS on a 100k-vector index mapped in
@@ -323,6 +322,7 @@ impl PageSizes {
     }
 }
 
+/// Peak resident set size of this process (Linux `VmHWM`), 0 elsewhere.
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
