@@ -14,7 +14,7 @@ use tandem_registry::{Registry, MODELS};
 use tandem_retrain::config::RetrainConfig;
 use tandem_retrain::history::CycleRecord;
 use tandem_retrain::{CycleOptions, Fault, Outcome, Retrainer};
-use tandem_sandbox::scenario::{drift, publish_trained, record, seed_event_log};
+use tandem_sandbox::scenario::{drift_ending, publish_trained, record, seed_event_log};
 use tandem_sandbox::{Sandbox, SandboxBuilder, MODEL};
 use tandem_types::ModelVersion;
 
@@ -46,7 +46,12 @@ async fn cluster() -> Sandbox {
 
 /// [`cluster`] with `hosts` ANN hosts serving v1 split into `shards` (host i: shard i mod S).
 async fn cluster_of(hosts: &[u64], shards: u32) -> Sandbox {
-    let d = drift(
+    // The log ends at the last week boundary before now, so every run trains on the same hours
+    // and weekdays (the models read both) and the gate compares the same two models: ending
+    // "now", the candidate's margin over the champion moved with the time of day the test ran.
+    const WEEK: i64 = 7 * 86_400;
+    let now = tandem_types::clock::now_unix() - 120;
+    let d = drift_ending(
         &SynthConfig {
             users: 300,
             items: 400,
@@ -58,6 +63,7 @@ async fn cluster_of(hosts: &[u64], shards: u32) -> Sandbox {
             ..Default::default()
         },
         0.3,
+        now - now.rem_euclid(WEEK),
     );
     let seed = d.seed;
     let sb = SandboxBuilder::new(hosts)
@@ -195,8 +201,10 @@ async fn drifted_events_deploy_v2_across_the_fleet_with_zero_mismatched_answers(
     );
     let by = t.by_version.lock().unwrap().clone();
     println!(
-        "traffic during the cycle: {by:?}, failed {}",
-        t.failed.load(Ordering::SeqCst)
+        "traffic during the cycle: {by:?}, failed {}; recall@50 candidate {:.4}, champion {:.4}",
+        t.failed.load(Ordering::SeqCst),
+        rec.candidate_metrics["recall@50"],
+        rec.champion_metrics["recall@50"]
     );
     assert_eq!(t.mismatched.load(Ordering::SeqCst), 0);
     assert_eq!(t.failed.load(Ordering::SeqCst), 0);

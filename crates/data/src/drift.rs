@@ -36,8 +36,15 @@ impl Drift {
 /// Generates `cfg` shifted so its last event is about two minutes ago, and splits it in time at
 /// `1 − fresh_fraction`.
 pub fn drift(cfg: &SynthConfig, fresh_fraction: f64) -> Drift {
+    drift_ending(cfg, fresh_fraction, tandem_types::clock::now_unix() - 120)
+}
+
+/// [`drift`] with the log's span ending at `end` (unix seconds). Models read the hour of day and
+/// the day of week of each event, so a log that ends at a fixed time of the week trains the same
+/// model whenever it is generated; one that ends "now" does not (tests use this).
+pub fn drift_ending(cfg: &SynthConfig, fresh_fraction: f64, end: i64) -> Drift {
     let cfg = SynthConfig {
-        start: tandem_types::clock::now_unix() - cfg.days as i64 * 86_400 - 120,
+        start: end - cfg.days as i64 * 86_400,
         ..cfg.clone()
     };
     let log = generate(&cfg).events;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-pub use tandem_data::drift::{drift, Drift, Fresh};
+pub use tandem_data::drift::{drift, drift_ending, Drift, Fresh};
 use tandem_data::{EventLog, Protocol};
 use tandem_index::HnswParams;
 use tandem_model::config::{ModelConfig, TrainConfig};
