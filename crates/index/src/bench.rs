@@ -307,31 +307,28 @@ impl PageSizes {
             .split_once('[')
             .and_then(|(_, rest)| rest.split_once(']'))
             .map(|(mode, _)| mode.to_string());
-        let mb = |key: &str| {
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .map(|kb| kb / 1024.0)
-        };
         PageSizes {
             thp,
-            file_pmd_mapped_mb: mb("FilePmdMapped"),
-            anon_huge_mb: mb("AnonHugePages"),
+            file_pmd_mapped_mb: proc_field_mb(rollup, "FilePmdMapped"),
+            anon_huge_mb: proc_field_mb(rollup, "AnonHugePages"),
         }
     }
+}
+
+/// The value of a `Key:   1234 kB` line of a `/proc` text, in MB.
+fn proc_field_mb(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 elsewhere.
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .and_then(|s| proc_field_mb(&s, "VmHWM"))
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]
