@@ -100,6 +100,8 @@ pub struct BenchReport {
     /// Share of the exact 10 nearest that the index's codes rank among their own 10 nearest
     /// (the index's vectors as queries; absent for engines without codes).
     pub code_fidelity: Option<f64>,
+    /// Mean layer-0 links per node (absent for engines that do not say).
+    pub links_per_node: Option<f64>,
     pub ground_truth_seconds: f64,
     pub peak_rss_mb: f64,
     /// The pages the searches ran on, read after the timed passes (see [`PageSizes`]).
@@ -196,6 +198,7 @@ pub fn run(
         bytes_per_vector: index.bytes_per_vector(),
         simd_codes: crate::simd::selected_u8_name(),
         code_fidelity: index.code_fidelity(),
+        links_per_node: index.links_per_node(),
         ground_truth_seconds,
         peak_rss_mb: peak_rss_mb(),
         pages: PageSizes::now(),

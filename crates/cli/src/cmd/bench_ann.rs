@@ -46,6 +46,10 @@ pub struct AnnArgs {
     pub m: usize,
     #[arg(long, default_value_t = HnswParams::default().ef_construction)]
     pub ef_construction: usize,
+    /// Serve layer-0 lists as the selection heuristic left them, without filling their free
+    /// slots with the nearest candidates it set aside (to compare against the filled default).
+    #[arg(long)]
+    pub no_fill: bool,
     /// Search ef values, one JSON row each.
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
     pub ef: Vec<usize>,
@@ -149,6 +153,7 @@ pub fn run_ann(a: AnnArgs) -> Result<()> {
         ef_search,
         seed: a.seed,
         layout: a.layout,
+        fill: !a.no_fill,
     };
     let report = run(base, queries, dim, &params, &a.ef, a.repeat)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
