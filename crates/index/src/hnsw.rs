@@ -499,6 +499,8 @@ impl Builder<'_> {
     }
 
     /// Adds the reverse link `from → to`, re-selecting `from`'s neighbours when the list is full.
+    /// On layer 0 the candidates are the list, its fill and `to`; a link found in the fill moves
+    /// into the list, and the fill shrinks to the slots left.
     fn link(&self, from: u32, to: u32, layer: usize, max_links: usize) {
         let mut node = self.nodes[from as usize].lock().expect("lock poisoned");
         if layer == 0 {
@@ -523,18 +525,18 @@ impl Builder<'_> {
         }
     }
 
-    /// Adds `to` to `from`'s `list`, re-selecting when it is full; whether `list` changed.
-    fn relink(&self, from: u32, to: u32, list: &mut Vec<u32>, max_links: usize) -> bool {
+    /// Adds `to` to `from`'s upper-layer `list`, re-selecting when it is full (layer 0, with
+    /// its fill, is [`Builder::link`]'s own).
+    fn relink(&self, from: u32, to: u32, list: &mut Vec<u32>, max_links: usize) {
         if list.contains(&to) {
-            return false;
+            return;
         }
         if list.len() < max_links {
             list.push(to);
-            return true;
+            return;
         }
         let cands = self.ranked(from, list.iter().chain([&to]));
         *list = self.select(&cands, max_links);
-        true
     }
 
     /// `ids` as candidates for `from`'s list, nearest first.
