@@ -367,7 +367,7 @@ impl Builder<'_> {
     /// Replaces node `id`'s layer-0 list and fill; the caller holds the node's mutex.
     fn write_l0(&self, id: u32, list: &[u32], fill: &[u32]) {
         debug_assert!(
-            list.len() <= self.m0 && (fill.is_empty() || list.len() + 1 + fill.len() <= self.m0),
+            list.len() <= self.m0 && fill.len() <= self.fill_room(list.len()),
             "a layer-0 list and its fill hold at most m0 slots"
         );
         let slots = self.l0(id);
@@ -386,17 +386,21 @@ impl Builder<'_> {
         }
     }
 
+    /// How many fill slots a list of `len` links leaves: those after it and its end mark.
+    fn fill_room(&self, len: usize) -> usize {
+        self.m0.saturating_sub(len + 1)
+    }
+
     /// The fill beside a list `kept` selected from `sorted` (nearest first): the nearest
     /// candidates not kept, as many as fit in the `m0` slots after `kept` and its end mark.
     fn fill_from(&self, sorted: &[Cand], kept: &[u32]) -> Vec<u32> {
         if !self.fill {
             return Vec::new();
         }
-        let room = self.m0.saturating_sub(kept.len() + 1);
         sorted
             .iter()
             .filter(|c| !kept.contains(&c.id))
-            .take(room)
+            .take(self.fill_room(kept.len()))
             .map(|c| c.id)
             .collect()
     }
@@ -513,7 +517,7 @@ impl Builder<'_> {
             fill.retain(|&f| f != to);
             if list.len() < max_links {
                 list.push(to);
-                fill.truncate(self.m0.saturating_sub(list.len() + 1));
+                fill.truncate(self.fill_room(list.len()));
             } else {
                 let cands = self.ranked(from, list.iter().chain(&fill).chain([&to]));
                 list = self.select(&cands, max_links);
