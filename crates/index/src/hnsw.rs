@@ -171,12 +171,14 @@ struct Slot {
 /// Best-first search of layer 0 for serving, with one sorted array instead of a candidate
 /// heap and a result heap: the pool holds the best nodes found, nearest first, and the walk
 /// always expands the nearest one not yet expanded; it ends when every pooled node has been.
-/// Nodes past the `ef`-th kept one are dropped (a heap walk would never expand them either).
-/// An insertion moves at most `ef` slots of 12 bytes.
+/// Nodes past the `keep`-th kept one are dropped (a heap walk would never expand them either).
+/// An insertion moves at most `keep` slots of 12 bytes. `keep` ≥ `ef`; when it is larger
+/// (an answer of more rows than the walk's breadth), the walk ends once the `ef` nearest kept
+/// nodes are expanded, and the pool holds the `keep` best of every node scored.
 ///
 /// Nodes for which `skip` holds still guide the walk (they are pooled and expanded like any
-/// other) but are not counted among the `ef` kept and never answered, so an exclusion list
-/// costs no recall and the answer keeps `ef` nodes whenever the graph reaches that many
+/// other) but are not counted among those kept and never answered, so an exclusion list
+/// costs no recall and the answer keeps `keep` nodes whenever the graph reaches that many
 /// others. `prefetch` is called for a node's unvisited neighbours before any is scored, then
 /// `dist` scores them all in one call (distances: smaller is nearer; one call per expanded
 /// node lets the kernel run its loop without a call per row), and `pooled` is called for a
@@ -185,6 +187,7 @@ struct Slot {
 fn search_pool(
     entry: Cand,
     ef: usize,
+    keep: usize,
     scratch: &mut Scratch,
     dist: impl Fn(&[u32], &mut [f32]),
     mut neighbours: impl FnMut(u32, &mut Vec<u32>),
@@ -203,9 +206,14 @@ fn search_pool(
     pool.clear();
     let mut kept = 0;
     visited.insert(entry.id);
-    pool_insert(pool, &mut kept, ef, entry, &pooled, &skip);
+    pool_insert(pool, &mut kept, keep, entry, &pooled, &skip);
     let mut cursor = 0;
     while cursor < pool.len() {
+        // A beam narrower than the answer: nodes ranked past the `ef`-th kept one stay in the
+        // answer but are not expanded (ranks only grow, so the walk is the `ef` walk's).
+        if ef < keep && pool[..cursor].iter().filter(|s| !s.skipped).count() >= ef {
+            break;
+        }
         pool[cursor].expanded = true;
         let id = pool[cursor].id;
         buf.clear();
@@ -222,10 +230,10 @@ fn search_pool(
         dist(fresh, scores);
         for (&nb, &d) in fresh.iter().zip(scores.iter()) {
             // Most scored nodes are worse than a full pool's worst: refused here, inline.
-            if kept >= ef && pool.last().is_some_and(|w| d >= w.d) {
+            if kept >= keep && pool.last().is_some_and(|w| d >= w.d) {
                 continue;
             }
-            let at = pool_insert(pool, &mut kept, ef, Cand { d, id: nb }, &pooled, &skip);
+            let at = pool_insert(pool, &mut kept, keep, Cand { d, id: nb }, &pooled, &skip);
             next = next.min(at);
         }
         cursor = next;
@@ -1427,7 +1435,7 @@ impl Hnsw {
         if n == 0 || k == 0 {
             return Vec::new();
         }
-        let ef = ef.max(k);
+        let (ef, keep) = (ef.max(1), ef.max(k));
         let (dim, dot, dot_rows) = (self.dim, self.dot, self.dot_rows);
         let vectors: &[f32] = &self.vectors;
         let mut ep = Cand {
@@ -1447,6 +1455,7 @@ impl Hnsw {
                 search_pool(
                     ep,
                     ef,
+                    keep,
                     scratch,
                     |ids, out| {
                         dot_rows(q, vectors, dim, ids, out);
@@ -1474,6 +1483,7 @@ impl Hnsw {
                     id: ep.id,
                 },
                 ef,
+                keep,
                 scratch,
                 |ids, out| {
                     for (o, &b) in out.iter_mut().zip(ids) {

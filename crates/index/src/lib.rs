@@ -63,7 +63,9 @@ pub trait AnnIndex: Send + Sync {
     fn links_per_node(&self) -> Option<f64> {
         None
     }
-    /// The `k` best rows by inner product, best first, as `(row, score)`.
+    /// The `k` best rows by inner product, best first, as `(row, score)`. `ef` is the
+    /// search's breadth; Tandem's HNSW takes an `ef` below `k` as a narrower walk (cheaper,
+    /// less recall) that still answers the best `k` rows it scored.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u32, f32)>;
     /// [`search`](Self::search) leaving out the rows for which `skip` holds, still answering
     /// `k` rows when the index holds that many others. The default asks the engine for more
@@ -512,6 +514,47 @@ mod tests {
                     "{layout:?}: {score} vs {exact}"
                 );
             }
+        }
+    }
+
+    /// `ef` below `k`: the walk is the `ef` walk — a search for 10 at `ef` 4 answers first
+    /// exactly what a search for 4 at `ef` 4 does — and still answers `k` rows, the best of
+    /// every node it scored, in both layouts and with an exclusion.
+    #[test]
+    fn a_beam_narrower_than_k_walks_the_ef_walk_and_still_answers_k() {
+        let (n, dim) = (20_000, 64);
+        let data = synthetic_embeddings(n, dim, 16, 5, 6);
+        let queries = synthetic_embeddings(200, dim, 16, 5, 8);
+        let truth = Exact {
+            dim,
+            vectors: data.clone(),
+        }
+        .ground_truth(&queries, 10);
+        let bytes = build(data, dim, &HnswParams::default()).unwrap().to_bytes();
+        for layout in [Layout::F32, Layout::Int8] {
+            let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
+            for q in queries.chunks_exact(dim) {
+                let narrow = index.search(q, 10, 4);
+                assert_eq!(narrow.len(), 10, "{layout:?}");
+                assert!(narrow.windows(2).all(|w| w[0].1 >= w[1].1), "{layout:?}");
+                let rows: std::collections::HashSet<u32> = narrow.iter().map(|r| r.0).collect();
+                assert_eq!(rows.len(), 10, "{layout:?}: repeated rows");
+                if layout == Layout::F32 {
+                    assert_eq!(narrow[..4], index.search(q, 4, 4)[..]);
+                }
+                let odd = |r: u32| r % 2 == 1;
+                let kept = index.search_filtered(q, 10, 4, &odd);
+                assert_eq!(kept.len(), 10, "{layout:?}");
+                assert!(kept.iter().all(|(r, _)| !odd(*r)), "{layout:?}");
+            }
+            let narrow = recall_at_k(index.as_ref(), &queries, &truth, 10, 4);
+            let full = recall_at_k(index.as_ref(), &queries, &truth, 10, 10);
+            println!("{layout:?}: recall@10 {narrow:.4} at ef 4, {full:.4} at ef 10");
+            assert!(narrow >= 0.6, "{layout:?}: recall@10 {narrow:.4} at ef 4");
+            assert!(
+                narrow < full,
+                "{layout:?}: {narrow:.4} at ef 4, {full:.4} at ef 10"
+            );
         }
     }
 

@@ -50,7 +50,8 @@ pub struct AnnArgs {
     /// slots with the nearest candidates it set aside (to compare against the filled default).
     #[arg(long)]
     pub no_fill: bool,
-    /// Search ef values, one JSON row each.
+    /// Search ef values, one JSON row each. Values below 10 (the answer's k) narrow Tandem's
+    /// walk and still answer 10 rows (hnswlib raises such an ef to k).
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
     pub ef: Vec<usize>,
     #[arg(long, default_value_t = 42)]
