@@ -475,8 +475,16 @@ mod tests {
     }
 
     /// 20,000 synthetic 64-d embeddings, 300 queries, their exact top 10 and the bytes of a
-    /// default index over them: `(dim, data, queries, truth, bytes)`.
-    fn embeddings_and_index() -> (usize, Vec<f32>, Vec<f32>, Vec<Vec<u32>>, Vec<u8>) {
+    /// default index over them.
+    struct Fixture {
+        dim: usize,
+        data: Vec<f32>,
+        queries: Vec<f32>,
+        truth: Vec<Vec<u32>>,
+        bytes: Vec<u8>,
+    }
+
+    fn embeddings_and_index() -> Fixture {
         let (n, dim) = (20_000, 64);
         let data = synthetic_embeddings(n, dim, 16, 5, 6);
         let queries = synthetic_embeddings(300, dim, 16, 5, 7);
@@ -488,14 +496,26 @@ mod tests {
         let bytes = build(data.clone(), dim, &HnswParams::default())
             .unwrap()
             .to_bytes();
-        (dim, data, queries, truth, bytes)
+        Fixture {
+            dim,
+            data,
+            queries,
+            truth,
+            bytes,
+        }
     }
 
     /// Both layer-0 layouts against brute force: the byte-code walk with its exact re-rank
     /// must reach the recall the f32 walk reaches, at a moderate and at a large ef.
     #[test]
     fn every_layout_reaches_its_recall_against_brute_force() {
-        let (dim, data, queries, truth, bytes) = embeddings_and_index();
+        let Fixture {
+            dim,
+            data,
+            queries,
+            truth,
+            bytes,
+        } = embeddings_and_index();
         for layout in [Layout::F32, Layout::Int8] {
             let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
             let r64 = recall_at_k(index.as_ref(), &queries, &truth, 10, 64);
@@ -530,7 +550,13 @@ mod tests {
     /// every node it scored, in both layouts and with an exclusion.
     #[test]
     fn a_beam_narrower_than_k_walks_the_ef_walk_and_still_answers_k() {
-        let (dim, _, queries, truth, bytes) = embeddings_and_index();
+        let Fixture {
+            dim,
+            queries,
+            truth,
+            bytes,
+            ..
+        } = embeddings_and_index();
         for layout in [Layout::F32, Layout::Int8] {
             let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
             for q in queries.chunks_exact(dim) {
