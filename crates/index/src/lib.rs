@@ -509,17 +509,12 @@ mod tests {
     /// must reach the recall the f32 walk reaches, at a moderate and at a large ef.
     #[test]
     fn every_layout_reaches_its_recall_against_brute_force() {
-        let Fixture {
-            dim,
-            data,
-            queries,
-            truth,
-            bytes,
-        } = embeddings_and_index();
+        let f = embeddings_and_index();
+        let (dim, queries) = (f.dim, &f.queries);
         for layout in [Layout::F32, Layout::Int8] {
-            let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
-            let r64 = recall_at_k(index.as_ref(), &queries, &truth, 10, 64);
-            let r256 = recall_at_k(index.as_ref(), &queries, &truth, 10, 256);
+            let index = load_with(&f.bytes, Engine::Tandem, layout).unwrap();
+            let r64 = recall_at_k(index.as_ref(), queries, &f.truth, 10, 64);
+            let r256 = recall_at_k(index.as_ref(), queries, &f.truth, 10, 256);
             println!("{layout:?}: recall@10 {r64:.4} at ef 64, {r256:.4} at ef 256");
             assert!(r64 >= 0.95, "{layout:?}: recall@10 {r64:.4} at ef 64");
             assert!(r256 >= 0.99, "{layout:?}: recall@10 {r256:.4} at ef 256");
@@ -535,7 +530,7 @@ mod tests {
             // Scores are exact inner products in both layouts.
             let q = &queries[..dim];
             for (row, score) in index.search(q, 5, 64) {
-                let v = &data[row as usize * dim..(row as usize + 1) * dim];
+                let v = &f.data[row as usize * dim..(row as usize + 1) * dim];
                 let exact: f32 = q.iter().zip(v).map(|(a, b)| a * b).sum();
                 assert!(
                     (score - exact).abs() < 1e-5,
@@ -550,15 +545,10 @@ mod tests {
     /// every node it scored, in both layouts and with an exclusion.
     #[test]
     fn a_beam_narrower_than_k_walks_the_ef_walk_and_still_answers_k() {
-        let Fixture {
-            dim,
-            queries,
-            truth,
-            bytes,
-            ..
-        } = embeddings_and_index();
+        let f = embeddings_and_index();
+        let (dim, queries) = (f.dim, &f.queries);
         for layout in [Layout::F32, Layout::Int8] {
-            let index = load_with(&bytes, Engine::Tandem, layout).unwrap();
+            let index = load_with(&f.bytes, Engine::Tandem, layout).unwrap();
             for q in queries.chunks_exact(dim) {
                 let narrow = index.search(q, 10, 4);
                 assert_eq!(narrow.len(), 10, "{layout:?}");
@@ -573,8 +563,8 @@ mod tests {
                 assert_eq!(kept.len(), 10, "{layout:?}");
                 assert!(kept.iter().all(|(r, _)| !odd(*r)), "{layout:?}");
             }
-            let narrow = recall_at_k(index.as_ref(), &queries, &truth, 10, 4);
-            let full = recall_at_k(index.as_ref(), &queries, &truth, 10, 10);
+            let narrow = recall_at_k(index.as_ref(), queries, &f.truth, 10, 4);
+            let full = recall_at_k(index.as_ref(), queries, &f.truth, 10, 10);
             println!("{layout:?}: recall@10 {narrow:.4} at ef 4, {full:.4} at ef 10");
             assert!(narrow >= 0.6, "{layout:?}: recall@10 {narrow:.4} at ef 4");
             assert!(
