@@ -466,12 +466,10 @@ impl AnnHost {
             )));
         }
         let k = req.k as usize;
-        // Absent, the breadth is the index default but never below k (an ef below k is a
-        // narrower walk, which only a request that asks for one gets).
         let ef = req
             .ef
             .map(|e| e as usize)
-            .unwrap_or_else(|| serving.index.index.default_ef().max(k));
+            .unwrap_or_else(|| serving.index.index.ef_for(k));
         let s = serving.clone();
         // A search at the usual breadth takes tens of microseconds: run it inline. A very broad
         // one goes to the blocking pool so it cannot stall other requests.

@@ -42,6 +42,11 @@ pub trait AnnIndex: Send + Sync {
     }
     /// The `ef` used when a request does not give one.
     fn default_ef(&self) -> usize;
+    /// The `ef` for a search of `k` rows that does not give one: the default, raised to `k`
+    /// (an `ef` below `k` is a narrower walk, for callers that ask for one).
+    fn ef_for(&self, k: usize) -> usize {
+        self.default_ef().max(k)
+    }
     /// Serving memory per vector in bytes (0 when the engine does not say).
     fn bytes_per_vector(&self) -> f64 {
         0.0

@@ -127,7 +127,7 @@ pub fn build_index(
     let build_seconds = t.elapsed().as_secs_f64();
     let (q, source) = queries;
     let truth = Exact { dim, vectors }.ground_truth(&q, 10);
-    let recall = recall_at_k(index.as_ref(), &q, &truth, 10, index.default_ef().max(10));
+    let recall = recall_at_k(index.as_ref(), &q, &truth, 10, index.ef_for(10));
     Ok(BuiltIndex {
         index,
         items,
@@ -201,7 +201,7 @@ pub fn build_sharded_index(
             .iter()
             .zip(&rows)
             .flat_map(|((idx, _), rs)| {
-                idx.search(qv, 10, idx.default_ef().max(10))
+                idx.search(qv, 10, idx.ef_for(10))
                     .into_iter()
                     .map(|(r, s)| (rs[r as usize], s))
             })

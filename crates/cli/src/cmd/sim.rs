@@ -421,7 +421,7 @@ fn score(cluster: &Cluster, answers: &[Answer], k: usize, sharded: bool) -> Resu
                 .map(|i| v.model.item.items.ids[i].clone())
                 .collect();
             let whole = v.whole.as_ref().map_or(0.0, |(idx, ids)| {
-                idx.search(&u, k, idx.default_ef().max(k))
+                idx.search(&u, k, idx.ef_for(k))
                     .iter()
                     .filter(|(row, _)| best.contains(&ids[*row as usize]))
                     .count() as f64
